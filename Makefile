@@ -1,0 +1,29 @@
+EXTENSION = saga
+EXTVERSION = $(shell grep default_version $(EXTENSION).control | sed -e "s/default_version[[:space:]]*=[[:space:]]*'\([^']*\)'/\1/")
+
+MODULE_big = saga
+OBJS = \
+	src/saga.o \
+	src/guc.o \
+	src/shmem.o \
+	src/launcher.o \
+	src/worker.o \
+	src/outbox.o \
+	src/transport_http.o \
+	src/api.o \
+	src/uuid7.o
+
+DATA = $(wildcard sql/saga--*.sql)
+
+PG_CPPFLAGS = -I$(srcdir)/src
+SHLIB_LINK = -lcurl
+
+REGRESS = setup
+REGRESS_OPTS = --temp-config=$(srcdir)/test/saga.conf --temp-instance=tmp_check_regress --load-extension=saga
+
+TAP_TESTS = 1
+PROVE_TESTS = test/t/*.pl
+
+PG_CONFIG ?= pg_config
+PGXS := $(shell $(PG_CONFIG) --pgxs)
+include $(PGXS)

@@ -1,0 +1,1033 @@
+/*
+ * api.c
+ *		SQL-callable functions: argument checks, then SQL on the extension's
+ *		tables as the extension's owner.
+ *
+ * Roles get EXECUTE on functions, never privileges on the tables; a function
+ * that may be called checks its arguments and then switches to the owner
+ * (as pg_cron does) instead of being SECURITY DEFINER.
+ */
+#include "saga.h"
+
+#include <ctype.h>
+
+#include "access/htup_details.h"
+#include "access/xact.h"
+#include "catalog/pg_extension.h"
+#include "catalog/pg_type.h"
+#include "commands/dbcommands.h"
+#include "commands/extension.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "utils/builtins.h"
+#include "utils/fmgroids.h"
+#include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+#include "utils/rel.h"
+#include "utils/syscache.h"
+#include "utils/timestamp.h"
+#include "utils/tuplestore.h"
+#include "utils/uuid.h"
+#include "access/genam.h"
+#include "access/table.h"
+#include "catalog/indexing.h"
+
+#include <curl/curl.h>
+
+#define MAX_NAME_BYTES		63
+#define MAX_TOPIC_BYTES		200
+#define MAX_KEY_BYTES		512
+#define MAX_HEADERS_BYTES	2048
+
+PG_FUNCTION_INFO_V1(saga_create_destination);
+PG_FUNCTION_INFO_V1(saga_drop_destination);
+PG_FUNCTION_INFO_V1(saga_publish);
+PG_FUNCTION_INFO_V1(saga_subscribe);
+PG_FUNCTION_INFO_V1(saga_unsubscribe);
+PG_FUNCTION_INFO_V1(saga_message);
+PG_FUNCTION_INFO_V1(saga_redeliver);
+PG_FUNCTION_INFO_V1(saga_metrics);
+PG_FUNCTION_INFO_V1(saga_worker_status);
+
+/* ---------- waking the worker when the caller commits ---------- */
+
+static bool xact_callback_registered = false;
+static bool wake_worker_pending = false;
+static bool wake_launcher_pending = false;
+static int	published_pending = 0;
+
+static void
+saga_xact_callback(XactEvent event, void *arg)
+{
+	switch (event)
+	{
+		case XACT_EVENT_COMMIT:
+			if (wake_launcher_pending)
+				saga_wake_launcher(true);
+			if (wake_worker_pending)
+			{
+				SagaWorkerSlot *slot = saga_slot_for_database(MyDatabaseId);
+
+				if (slot != NULL && published_pending > 0)
+					pg_atomic_fetch_add_u64(&slot->published, published_pending);
+				saga_wake_worker(MyDatabaseId);
+			}
+			/* FALLTHROUGH */
+		case XACT_EVENT_ABORT:
+		case XACT_EVENT_PREPARE:
+			wake_worker_pending = false;
+			wake_launcher_pending = false;
+			published_pending = 0;
+			break;
+		default:
+			break;
+	}
+}
+
+static void
+register_callback(void)
+{
+	if (!xact_callback_registered)
+	{
+		RegisterXactCallback(saga_xact_callback, NULL);
+		xact_callback_registered = true;
+	}
+}
+
+/*
+ * Ask for the worker's latch to be set when the current transaction commits.
+ * Only a latch: the user's transaction never NOTIFYs or takes a global lock.
+ */
+void
+saga_wake_at_commit(int published)
+{
+	register_callback();
+	wake_worker_pending = true;
+	published_pending += published;
+}
+
+void
+saga_wake_launcher_at_commit(void)
+{
+	register_callback();
+	wake_launcher_pending = true;
+}
+
+/* ---------- running SQL as the extension's owner ---------- */
+
+static Oid
+extension_owner(void)
+{
+	Oid			ext = get_extension_oid("saga", false);
+	Relation	rel;
+	ScanKeyData key;
+	SysScanDesc scan;
+	HeapTuple	tup;
+	Oid			owner = InvalidOid;
+
+	rel = table_open(ExtensionRelationId, AccessShareLock);
+	ScanKeyInit(&key, Anum_pg_extension_oid, BTEqualStrategyNumber,
+				F_OIDEQ, ObjectIdGetDatum(ext));
+	scan = systable_beginscan(rel, ExtensionOidIndexId, true, NULL, 1, &key);
+	tup = systable_getnext(scan);
+	if (HeapTupleIsValid(tup))
+		owner = ((Form_pg_extension) GETSTRUCT(tup))->extowner;
+	systable_endscan(scan);
+	table_close(rel, AccessShareLock);
+	if (!OidIsValid(owner))
+		elog(ERROR, "extension \"saga\" has no owner");
+	return owner;
+}
+
+typedef struct OwnerContext
+{
+	Oid			saved_user;
+	int			saved_sec;
+} OwnerContext;
+
+/*
+ * Become the extension's owner and connect SPI. Errors need no cleanup: the
+ * (sub)transaction abort restores the user and closes SPI.
+ */
+static void
+begin_as_owner(OwnerContext *oc)
+{
+	Oid			owner = extension_owner();
+
+	GetUserIdAndSecContext(&oc->saved_user, &oc->saved_sec);
+	SetUserIdAndSecContext(owner, oc->saved_sec | SECURITY_LOCAL_USERID_CHANGE |
+						   SECURITY_RESTRICTED_OPERATION);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+}
+
+static void
+end_as_owner(OwnerContext *oc)
+{
+	SPI_finish();
+	SetUserIdAndSecContext(oc->saved_user, oc->saved_sec);
+}
+
+static int
+run_sql(const char *sql, int nargs, Oid *types, Datum *values, const char *nulls, bool read_only)
+{
+	int			rc = SPI_execute_with_args(sql, nargs, types, values, nulls, read_only, 0);
+
+	if (rc < 0)
+		elog(ERROR, "saga: SPI failed (%s) for: %s", SPI_result_code_string(rc), sql);
+	return rc;
+}
+
+/* ---------- argument checks ---------- */
+
+static void
+require_arg(FunctionCallInfo fcinfo, int argno, const char *name)
+{
+	if (PG_ARGISNULL(argno))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("%s must not be NULL", name)));
+}
+
+static void
+check_name(const char *what, const char *name)
+{
+	size_t		len = strlen(name);
+
+	if (len == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s must not be empty", what)));
+	if (len > MAX_NAME_BYTES)
+		ereport(ERROR,
+				(errcode(ERRCODE_NAME_TOO_LONG),
+				 errmsg("%s \"%.*s...\" is too long", what, 20, name),
+				 errdetail("A %s has at most %d bytes.", what, MAX_NAME_BYTES)));
+	for (const char *p = name; *p; p++)
+		if (!(isalnum((unsigned char) *p) || *p == '_' || *p == '-' || *p == '.'))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("%s \"%s\" contains an invalid character", what, name),
+					 errdetail("Use letters, digits, \"_\", \"-\" and \".\".")));
+}
+
+/*
+ * A topic: printable, without spaces, at most MAX_TOPIC_BYTES. A pattern
+ * (for subscribe) may end in "*" to match every topic with that prefix.
+ */
+static void
+check_topic(const char *topic, bool pattern)
+{
+	size_t		len = strlen(topic);
+
+	if (len == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("topic must not be empty")));
+	if (len > MAX_TOPIC_BYTES)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("topic is too long (%zu bytes)", len),
+				 errdetail("A topic has at most %d bytes.", MAX_TOPIC_BYTES)));
+	for (const char *p = topic; *p; p++)
+	{
+		if ((unsigned char) *p <= ' ' || *p == 0x7F)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("topic \"%s\" contains a space or control character", topic)));
+		if (*p == '*' && (!pattern || p[1] != '\0'))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("topic \"%s\" has \"*\" in the wrong place", topic),
+					 errdetail(pattern ? "\"*\" may only end a subscription pattern, as in \"order.*\"." :
+							   "Published topics cannot contain \"*\"; it is for subscription patterns.")));
+	}
+}
+
+static bool
+header_name_valid(const char *name)
+{
+	if (*name == '\0')
+		return false;
+	for (const char *p = name; *p; p++)
+		if (!(isalnum((unsigned char) *p) || strchr("!#$%&'*+-.^_`|~", *p) != NULL))
+			return false;
+	return true;
+}
+
+static bool
+header_name_reserved(const char *name)
+{
+	static const char *const reserved[] = {
+		"content-type", "content-length", "idempotency-key", "saga-topic", "host",
+		"transfer-encoding", "connection", "expect", NULL
+	};
+
+	for (int i = 0; reserved[i]; i++)
+		if (pg_strcasecmp(name, reserved[i]) == 0)
+			return true;
+	return false;
+}
+
+/* HTTP headers given as a JSON object of strings. */
+static void
+check_headers(Jsonb *headers, const char *where)
+{
+	JsonbIterator *it;
+	JsonbValue	v;
+	JsonbIteratorToken tok;
+	char	   *name = NULL;
+
+	if (!JB_ROOT_IS_OBJECT(headers))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s must be a JSON object of header names and string values", where)));
+	if (VARSIZE(headers) > MAX_HEADERS_BYTES)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("%s are too large", where),
+				 errdetail("Headers take at most %d bytes.", MAX_HEADERS_BYTES)));
+
+	it = JsonbIteratorInit(&headers->root);
+	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
+	{
+		if (tok == WJB_KEY)
+		{
+			name = pnstrdup(v.val.string.val, v.val.string.len);
+			if (!header_name_valid(name))
+				ereport(ERROR,
+						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+						 errmsg("invalid header name \"%s\" in %s", name, where)));
+			if (header_name_reserved(name))
+				ereport(ERROR,
+						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+						 errmsg("header \"%s\" in %s is set by saga and cannot be overridden", name, where)));
+		}
+		else if (tok == WJB_VALUE)
+		{
+			if (v.type != jbvString)
+				ereport(ERROR,
+						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+						 errmsg("header \"%s\" in %s must have a string value", name, where)));
+			for (int i = 0; i < v.val.string.len; i++)
+				if (v.val.string.val[i] == '\r' || v.val.string.val[i] == '\n' ||
+					v.val.string.val[i] == '\0')
+					ereport(ERROR,
+							(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+							 errmsg("header \"%s\" in %s contains a line break", name, where)));
+		}
+	}
+}
+
+/* ---------- destinations ---------- */
+
+typedef struct DestinationOptions
+{
+	Jsonb	   *headers;
+	int64		timeout_ms;
+	int64		max_attempts;
+	int64		backoff_ms;
+	int64		max_backoff_ms;
+	int64		concurrency;
+} DestinationOptions;
+
+static char *
+jsonb_value_text(JsonbValue *v)
+{
+	if (v->type == jbvString)
+		return pnstrdup(v->val.string.val, v->val.string.len);
+	if (v->type == jbvNumeric)
+		return DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(v->val.numeric)));
+	return pstrdup(v->type == jbvBool ? "boolean" : v->type == jbvNull ? "null" : "a container");
+}
+
+typedef struct OptionErrorContext
+{
+	const char *dest;
+	const char *opt;
+} OptionErrorContext;
+
+static void
+option_error_callback(void *arg)
+{
+	OptionErrorContext *c = (OptionErrorContext *) arg;
+
+	errcontext("option \"%s\" of destination \"%s\"", c->opt, c->dest);
+}
+
+/* A duration: an interval string ("10s", "5 min") or a number of seconds. */
+static int64
+option_duration_ms(const char *dest, const char *opt, JsonbValue *v)
+{
+	double		ms = -1;
+
+	if (v->type == jbvNumeric)
+		ms = DatumGetFloat8(DirectFunctionCall1(numeric_float8, NumericGetDatum(v->val.numeric))) * 1000.0;
+	else if (v->type == jbvString)
+	{
+		OptionErrorContext c = {dest, opt};
+		ErrorContextCallback cb;
+		Interval   *iv;
+
+		cb.callback = option_error_callback;
+		cb.arg = &c;
+		cb.previous = error_context_stack;
+		error_context_stack = &cb;
+		iv = DatumGetIntervalP(DirectFunctionCall3(interval_in,
+												   CStringGetDatum(pnstrdup(v->val.string.val, v->val.string.len)),
+												   ObjectIdGetDatum(InvalidOid),
+												   Int32GetDatum(-1)));
+		error_context_stack = cb.previous;
+		ms = iv->time / 1000.0 + (iv->day + iv->month * 30.0) * 86400000.0;
+	}
+	if (ms <= 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("option \"%s\" of destination \"%s\" must be a positive duration, not %s",
+						opt, dest, jsonb_value_text(v)),
+				 errhint("Give an interval such as \"10s\" or \"5 min\", or a number of seconds.")));
+	if (ms > 86400000.0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("option \"%s\" of destination \"%s\" must be at most one day", opt, dest)));
+	return (int64) Max(ms, 1);
+}
+
+static int64
+option_integer(const char *dest, const char *opt, JsonbValue *v, int64 min, int64 max)
+{
+	double		d = -1;
+
+	if (v->type == jbvNumeric)
+		d = DatumGetFloat8(DirectFunctionCall1(numeric_float8, NumericGetDatum(v->val.numeric)));
+	if (v->type != jbvNumeric || d != (double) (int64) d || d < min || d > max)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("option \"%s\" of destination \"%s\" must be an integer from " INT64_FORMAT " to " INT64_FORMAT ", not %s",
+						opt, dest, min, max, jsonb_value_text(v))));
+	return (int64) d;
+}
+
+static void
+parse_destination_options(const char *dest, Jsonb *options, bool http, DestinationOptions *o)
+{
+	JsonbIterator *it;
+	JsonbValue	v;
+	JsonbIteratorToken tok;
+	char	   *key = NULL;
+
+	o->headers = NULL;
+	o->timeout_ms = 10000;
+	o->max_attempts = 10;
+	o->backoff_ms = 1000;
+	o->max_backoff_ms = 300000;
+	o->concurrency = 16;
+
+	if (!JB_ROOT_IS_OBJECT(options) || JB_ROOT_IS_SCALAR(options))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("options of destination \"%s\" must be a JSON object", dest)));
+
+	it = JsonbIteratorInit(&options->root);
+	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
+	{
+		if (tok == WJB_KEY)
+		{
+			key = pnstrdup(v.val.string.val, v.val.string.len);
+			continue;
+		}
+		if (tok != WJB_VALUE)
+			continue;
+		if (strcmp(key, "headers") == 0)
+		{
+			if (!http)
+				ereport(ERROR,
+						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+						 errmsg("option \"headers\" applies only to HTTP destinations")));
+			if (v.type != jbvBinary)
+				ereport(ERROR,
+						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+						 errmsg("option \"headers\" of destination \"%s\" must be a JSON object", dest)));
+			o->headers = JsonbValueToJsonb(&v);
+			check_headers(o->headers, "destination headers");
+		}
+		else if (strcmp(key, "timeout") == 0)
+			o->timeout_ms = option_duration_ms(dest, key, &v);
+		else if (strcmp(key, "backoff") == 0)
+			o->backoff_ms = option_duration_ms(dest, key, &v);
+		else if (strcmp(key, "max_backoff") == 0)
+			o->max_backoff_ms = option_duration_ms(dest, key, &v);
+		else if (strcmp(key, "max_attempts") == 0)
+			o->max_attempts = option_integer(dest, key, &v, 1, 1000);
+		else if (strcmp(key, "concurrency") == 0)
+			o->concurrency = option_integer(dest, key, &v, 1, 1000);
+		else
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("unknown option \"%s\" for destination \"%s\"", key, dest),
+					 errhint("Valid options are headers, timeout, max_attempts, backoff, max_backoff and concurrency.")));
+	}
+	if (o->backoff_ms > o->max_backoff_ms)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("option \"backoff\" of destination \"%s\" is longer than \"max_backoff\"", dest)));
+}
+
+/* Check an http(s) URL with libcurl's own parser. */
+static void
+check_http_url(const char *url)
+{
+	CURLU	   *u = curl_url();
+	CURLUcode	rc;
+	char	   *scheme = NULL;
+	char	   *host = NULL;
+	bool		ok;
+
+	if (u == NULL)
+		elog(ERROR, "out of memory in curl_url");
+	rc = curl_url_set(u, CURLUPART_URL, url, CURLU_NON_SUPPORT_SCHEME);
+	if (rc != CURLUE_OK)
+	{
+		curl_url_cleanup(u);
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("invalid destination URL \"%s\"", url),
+				 errdetail("%s.", curl_url_strerror(rc))));
+	}
+	curl_url_get(u, CURLUPART_SCHEME, &scheme, 0);
+	curl_url_get(u, CURLUPART_HOST, &host, 0);
+	ok = scheme && host && host[0] != '\0';
+	if (scheme && (strcmp(scheme, "postgresql") == 0 || strcmp(scheme, "postgres") == 0))
+	{
+		curl_free(scheme);
+		curl_free(host);
+		curl_url_cleanup(u);
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("postgresql:// destinations are not supported yet"),
+				 errhint("Use an http://, https:// or notify: destination.")));
+	}
+	if (!ok || (strcmp(scheme, "http") != 0 && strcmp(scheme, "https") != 0))
+	{
+		curl_free(scheme);
+		curl_free(host);
+		curl_url_cleanup(u);
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("invalid destination URL \"%s\"", url),
+				 errdetail("A destination URL is notify:<channel>, http://host/... or https://host/...")));
+	}
+	curl_free(scheme);
+	curl_free(host);
+	curl_url_cleanup(u);
+}
+
+Datum
+saga_create_destination(PG_FUNCTION_ARGS)
+{
+	char	   *name;
+	char	   *url;
+	Jsonb	   *options;
+	const char *kind;
+	const char *target;
+	DestinationOptions o;
+	OwnerContext oc;
+	Oid			types[9] = {TEXTOID, TEXTOID, TEXTOID, JSONBOID, INT8OID, INT8OID, INT8OID, INT8OID, INT8OID};
+	Datum		values[9];
+	char		nulls[9] = "         ";
+
+	require_arg(fcinfo, 0, "destination name");
+	require_arg(fcinfo, 1, "destination URL");
+	name = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	url = text_to_cstring(PG_GETARG_TEXT_PP(1));
+	options = PG_ARGISNULL(2) ? NULL : PG_GETARG_JSONB_P(2);
+	check_name("destination name", name);
+
+	if (strncmp(url, "notify:", 7) == 0)
+	{
+		kind = "notify";
+		target = url + 7;
+		if (target[0] == '\0' || strlen(target) >= NAMEDATALEN)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("invalid NOTIFY channel in destination URL \"%s\"", url),
+					 errdetail("A channel name has 1 to %d bytes.", NAMEDATALEN - 1)));
+	}
+	else
+	{
+		check_http_url(url);
+		kind = "http";
+		target = url;
+	}
+	if (options != NULL)
+		parse_destination_options(name, options, strcmp(kind, "http") == 0, &o);
+	else
+		parse_destination_options(name, DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum("{}"))),
+								  false, &o);
+
+	values[0] = CStringGetTextDatum(name);
+	values[1] = CStringGetTextDatum(kind);
+	values[2] = CStringGetTextDatum(target);
+	values[3] = o.headers ? JsonbPGetDatum(o.headers) :
+		DirectFunctionCall1(jsonb_in, CStringGetDatum("{}"));
+	values[4] = Int64GetDatum(o.timeout_ms);
+	values[5] = Int64GetDatum(o.max_attempts);
+	values[6] = Int64GetDatum(o.backoff_ms);
+	values[7] = Int64GetDatum(o.max_backoff_ms);
+	values[8] = Int64GetDatum(o.concurrency);
+
+	begin_as_owner(&oc);
+	run_sql("SELECT 1 FROM saga.destinations WHERE name = $1", 1, types, values, nulls, true);
+	if (SPI_processed > 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_DUPLICATE_OBJECT),
+				 errmsg("destination \"%s\" already exists", name),
+				 errhint("Drop it first with saga.drop_destination() to change it.")));
+	run_sql("INSERT INTO saga.destinations (name, kind, target, headers, timeout, max_attempts,"
+			" backoff, max_backoff, concurrency) VALUES ($1, $2, $3, $4,"
+			" $5 * interval '1 millisecond', $6, $7 * interval '1 millisecond',"
+			" $8 * interval '1 millisecond', $9)",
+			9, types, values, nulls, false);
+	end_as_owner(&oc);
+	PG_RETURN_VOID();
+}
+
+static void
+require_destination(const char *name)
+{
+	Oid			types[1] = {TEXTOID};
+	Datum		values[1] = {CStringGetTextDatum(name)};
+
+	run_sql("SELECT 1 FROM saga.destinations WHERE name = $1", 1, types, values, NULL, true);
+	if (SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("destination \"%s\" does not exist", name)));
+}
+
+Datum
+saga_drop_destination(PG_FUNCTION_ARGS)
+{
+	char	   *name;
+	OwnerContext oc;
+	Oid			types[1] = {TEXTOID};
+	Datum		values[1];
+	int64		pending;
+	bool		isnull;
+
+	require_arg(fcinfo, 0, "destination name");
+	name = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	values[0] = CStringGetTextDatum(name);
+
+	begin_as_owner(&oc);
+	/* lock the row so no concurrent subscribe slips in */
+	run_sql("SELECT 1 FROM saga.destinations WHERE name = $1 FOR UPDATE", 1, types, values, NULL, false);
+	if (SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("destination \"%s\" does not exist", name)));
+	run_sql("SELECT count(*) FROM saga.queue WHERE destination = $1 AND status = 'pending'",
+			1, types, values, NULL, true);
+	pending = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	if (pending > 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_IN_USE),
+				 errmsg("destination \"%s\" still has " INT64_FORMAT " undelivered messages", name, pending),
+				 errhint("Unsubscribe its topics and wait until saga.outbox shows nothing for it.")));
+	run_sql("DELETE FROM saga.subscriptions WHERE destination = $1", 1, types, values, NULL, false);
+	run_sql("DELETE FROM saga.destinations WHERE name = $1", 1, types, values, NULL, false);
+	end_as_owner(&oc);
+	PG_RETURN_VOID();
+}
+
+/* ---------- subscriptions ---------- */
+
+Datum
+saga_subscribe(PG_FUNCTION_ARGS)
+{
+	char	   *topic;
+	char	   *dest;
+	char	   *prefix = NULL;
+	size_t		len;
+	OwnerContext oc;
+	Oid			types[3] = {TEXTOID, TEXTOID, TEXTOID};
+	Datum		values[3];
+	char		nulls[3] = "   ";
+
+	require_arg(fcinfo, 0, "topic");
+	require_arg(fcinfo, 1, "destination name");
+	topic = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	dest = text_to_cstring(PG_GETARG_TEXT_PP(1));
+	check_topic(topic, true);
+
+	len = strlen(topic);
+	if (topic[len - 1] == '*')
+		prefix = pnstrdup(topic, len - 1);
+	values[0] = CStringGetTextDatum(topic);
+	values[1] = CStringGetTextDatum(dest);
+	values[2] = prefix ? CStringGetTextDatum(prefix) : (Datum) 0;
+	nulls[2] = prefix ? ' ' : 'n';
+
+	begin_as_owner(&oc);
+	run_sql("SELECT 1 FROM saga.destinations WHERE name = $1 FOR KEY SHARE", 1, types + 1, values + 1, NULL, false);
+	if (SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("destination \"%s\" does not exist", dest)));
+	run_sql("INSERT INTO saga.subscriptions (pattern, destination, prefix) VALUES ($1, $2, $3)"
+			" ON CONFLICT DO NOTHING", 3, types, values, nulls, false);
+	if (SPI_processed == 0)
+		ereport(NOTICE,
+				(errmsg("topic \"%s\" is already subscribed to destination \"%s\", skipping", topic, dest)));
+	end_as_owner(&oc);
+	PG_RETURN_VOID();
+}
+
+Datum
+saga_unsubscribe(PG_FUNCTION_ARGS)
+{
+	char	   *topic;
+	char	   *dest;
+	OwnerContext oc;
+	Oid			types[2] = {TEXTOID, TEXTOID};
+	Datum		values[2];
+
+	require_arg(fcinfo, 0, "topic");
+	require_arg(fcinfo, 1, "destination name");
+	topic = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	dest = text_to_cstring(PG_GETARG_TEXT_PP(1));
+	values[0] = CStringGetTextDatum(topic);
+	values[1] = CStringGetTextDatum(dest);
+
+	begin_as_owner(&oc);
+	require_destination(dest);
+	run_sql("DELETE FROM saga.subscriptions WHERE pattern = $1 AND destination = $2",
+			2, types, values, NULL, false);
+	if (SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("topic \"%s\" is not subscribed to destination \"%s\"", topic, dest)));
+	end_as_owner(&oc);
+	PG_RETURN_VOID();
+}
+
+/* ---------- publishing ---------- */
+
+Datum
+saga_publish(PG_FUNCTION_ARGS)
+{
+	static SPIPlanPtr plan = NULL;
+	char	   *topic;
+	text	   *key = NULL;
+	Jsonb	   *payload;
+	Jsonb	   *headers = NULL;
+	TimestampTz deliver_at;
+	pg_uuid_t  *id = palloc(sizeof(pg_uuid_t));
+	OwnerContext oc;
+	Datum		values[6];
+	char		nulls[6] = "      ";
+	int			rc;
+
+	require_arg(fcinfo, 0, "topic");
+	require_arg(fcinfo, 1, "payload");
+	topic = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	check_topic(topic, false);
+	payload = PG_GETARG_JSONB_P(1);
+	if (VARSIZE(payload) > (Size) saga_max_payload_size)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("payload is too large (%zu bytes)", (size_t) VARSIZE(payload)),
+				 errdetail("saga.max_payload_size is %d bytes.", saga_max_payload_size)));
+	if (!PG_ARGISNULL(2))
+	{
+		key = PG_GETARG_TEXT_PP(2);
+		if (VARSIZE_ANY_EXHDR(key) == 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("key must not be empty"),
+					 errhint("Pass NULL for a message without a key.")));
+		if (VARSIZE_ANY_EXHDR(key) > MAX_KEY_BYTES)
+			ereport(ERROR,
+					(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+					 errmsg("key is too long (%zu bytes)", (size_t) VARSIZE_ANY_EXHDR(key)),
+					 errdetail("A key has at most %d bytes.", MAX_KEY_BYTES)));
+	}
+	if (!PG_ARGISNULL(3))
+	{
+		headers = PG_GETARG_JSONB_P(3);
+		check_headers(headers, "message headers");
+	}
+	deliver_at = PG_ARGISNULL(4) ? GetCurrentTransactionStartTimestamp() : PG_GETARG_TIMESTAMPTZ(4);
+	if (TIMESTAMP_NOT_FINITE(deliver_at))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("deliver_at must be a finite timestamp")));
+
+	saga_uuid7(id->data);
+	values[0] = UUIDPGetDatum(id);
+	values[1] = CStringGetTextDatum(topic);
+	values[2] = key ? PointerGetDatum(key) : (Datum) 0;
+	nulls[2] = key ? ' ' : 'n';
+	values[3] = JsonbPGetDatum(payload);
+	values[4] = headers ? JsonbPGetDatum(headers) : (Datum) 0;
+	nulls[4] = headers ? ' ' : 'n';
+	values[5] = TimestampTzGetDatum(deliver_at);
+
+	begin_as_owner(&oc);
+	if (plan == NULL)
+	{
+		Oid			types[6] = {UUIDOID, TEXTOID, TEXTOID, JSONBOID, JSONBOID, TIMESTAMPTZOID};
+
+		/* every name qualified: this runs under the caller's search_path */
+		plan = SPI_prepare("INSERT INTO saga.queue (message_id, destination, topic, key, payload,"
+						   " headers, next_attempt_at)"
+						   " SELECT DISTINCT $1, s.destination, $2, $3, $4, $5, $6"
+						   " FROM saga.subscriptions s"
+						   " WHERE s.pattern OPERATOR(pg_catalog.=) $2"
+						   "    OR (s.prefix IS NOT NULL AND pg_catalog.starts_with($2, s.prefix))",
+						   6, types);
+		if (plan == NULL)
+			elog(ERROR, "SPI_prepare failed for saga.publish: %s", SPI_result_code_string(SPI_result));
+		SPI_keepplan(plan);
+	}
+	rc = SPI_execute_plan(plan, values, nulls, false, 0);
+	if (rc != SPI_OK_INSERT)
+		elog(ERROR, "saga.publish: insert failed: %s", SPI_result_code_string(rc));
+	if (SPI_processed > 0)
+		saga_wake_at_commit(1);
+	end_as_owner(&oc);
+
+	PG_RETURN_UUID_P(id);
+}
+
+Datum
+saga_message(PG_FUNCTION_ARGS)
+{
+	OwnerContext oc;
+	Oid			types[1] = {UUIDOID};
+	Datum		values[1];
+	Datum		result;
+	bool		isnull;
+
+	require_arg(fcinfo, 0, "message id");
+	values[0] = PG_GETARG_DATUM(0);
+
+	begin_as_owner(&oc);
+	run_sql("SELECT jsonb_build_object('id', message_id, 'topic', topic, 'key', key,"
+			" 'payload', payload, 'headers', headers, 'published_at', published_at)"
+			" FROM saga.queue WHERE message_id = $1 LIMIT 1",
+			1, types, values, NULL, true);
+	if (SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("message %s not found",
+						DatumGetCString(DirectFunctionCall1(uuid_out, values[0]))),
+				 errdetail("Delivered messages are kept for saga.message_retention only when NOTIFY delivered them without their payload.")));
+	result = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	result = PointerGetDatum(SPI_datumTransfer(result, false, -1));
+	end_as_owner(&oc);
+	PG_RETURN_DATUM(result);
+}
+
+Datum
+saga_redeliver(PG_FUNCTION_ARGS)
+{
+	OwnerContext oc;
+	Oid			types[2] = {UUIDOID, TEXTOID};
+	Datum		values[2];
+	char		nulls[2] = "  ";
+	char	   *dest = NULL;
+	uint64		n;
+
+	require_arg(fcinfo, 0, "message id");
+	values[0] = PG_GETARG_DATUM(0);
+	if (!PG_ARGISNULL(1))
+	{
+		dest = text_to_cstring(PG_GETARG_TEXT_PP(1));
+		values[1] = CStringGetTextDatum(dest);
+	}
+	else
+		nulls[1] = 'n';
+
+	begin_as_owner(&oc);
+	if (dest)
+		require_destination(dest);
+	run_sql("SELECT 1 FROM saga.queue WHERE message_id = $1 LIMIT 1", 1, types, values, nulls, true);
+	if (SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("message %s not found",
+						DatumGetCString(DirectFunctionCall1(uuid_out, values[0])))));
+	run_sql("UPDATE saga.queue q SET status = 'pending', attempts = 0, lease_until = NULL,"
+			" next_attempt_at = now(), finished_at = NULL"
+			" WHERE q.message_id = $1 AND q.status = 'dead'"
+			"   AND ($2::text IS NULL OR q.destination = $2)"
+			"   AND EXISTS (SELECT 1 FROM saga.destinations d WHERE d.name = q.destination)",
+			2, types, values, nulls, false);
+	n = SPI_processed;
+	end_as_owner(&oc);
+	if (n > 0)
+		saga_wake_at_commit(0);
+	PG_RETURN_INT32((int32) n);
+}
+
+/* ---------- monitoring ---------- */
+
+static Tuplestorestate *
+begin_srf(FunctionCallInfo fcinfo, TupleDesc *desc)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	MemoryContext old;
+	Tuplestorestate *store;
+
+	if (rsinfo == NULL || !IsA(rsinfo, ReturnSetInfo) ||
+		!(rsinfo->allowedModes & SFRM_Materialize))
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("set-valued function called in context that cannot accept a set")));
+	old = MemoryContextSwitchTo(rsinfo->econtext->ecxt_per_query_memory);
+	if (get_call_result_type(fcinfo, NULL, desc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+	*desc = CreateTupleDescCopy(*desc);
+	store = tuplestore_begin_heap(true, false, work_mem);
+	rsinfo->returnMode = SFRM_Materialize;
+	rsinfo->setResult = store;
+	rsinfo->setDesc = *desc;
+	MemoryContextSwitchTo(old);
+	return store;
+}
+
+static void
+put_metric(Tuplestorestate *store, TupleDesc desc, const char *name, const char *labels, double value)
+{
+	Datum		values[3];
+	bool		nulls[3] = {false, false, false};
+
+	values[0] = CStringGetTextDatum(name);
+	values[1] = DirectFunctionCall1(jsonb_in, CStringGetDatum(labels));
+	values[2] = Float8GetDatum(value);
+	tuplestore_putvalues(store, desc, values, nulls);
+}
+
+Datum
+saga_metrics(PG_FUNCTION_ARGS)
+{
+	TupleDesc	desc;
+	Tuplestorestate *store = begin_srf(fcinfo, &desc);
+	SagaWorkerSlot *slot = saga_slot_for_database(MyDatabaseId);
+	OwnerContext oc;
+
+	if (slot != NULL)
+	{
+		put_metric(store, desc, "messages_published_total", "{}", (double) pg_atomic_read_u64(&slot->published));
+		put_metric(store, desc, "messages_delivered_total", "{}", (double) pg_atomic_read_u64(&slot->delivered));
+		put_metric(store, desc, "messages_retried_total", "{}", (double) pg_atomic_read_u64(&slot->retried));
+		put_metric(store, desc, "messages_dead_lettered_total", "{}", (double) pg_atomic_read_u64(&slot->dead_lettered));
+		put_metric(store, desc, "http_requests_in_flight", "{}", (double) slot->in_flight);
+	}
+
+	begin_as_owner(&oc);
+	run_sql("SELECT m.name, m.labels::text, m.value FROM ("
+			" SELECT 'outbox_pending' AS name, jsonb_build_object('destination', d.name) AS labels,"
+			"   (SELECT count(*) FROM saga.queue q WHERE q.destination = d.name AND q.status = 'pending')::float8 AS value, d.name AS sort"
+			" FROM saga.destinations d"
+			" UNION ALL"
+			" SELECT 'outbox_dead', jsonb_build_object('destination', q.destination), count(*)::float8, q.destination"
+			" FROM saga.queue q WHERE q.status = 'dead' GROUP BY q.destination"
+			" UNION ALL"
+			" SELECT 'outbox_lag_seconds', jsonb_build_object('destination', d.name),"
+			"   coalesce((SELECT extract(epoch FROM now() - min(q.next_attempt_at)) FROM saga.queue q"
+			"     WHERE q.destination = d.name AND q.status = 'pending' AND q.next_attempt_at <= now()), 0)::float8, d.name"
+			" FROM saga.destinations d) m ORDER BY m.name, m.sort",
+			0, NULL, NULL, NULL, true);
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		bool		isnull;
+
+		put_metric(store, desc, SPI_getvalue(tup, SPI_tuptable->tupdesc, 1),
+				   SPI_getvalue(tup, SPI_tuptable->tupdesc, 2),
+				   DatumGetFloat8(SPI_getbinval(tup, SPI_tuptable->tupdesc, 3, &isnull)));
+	}
+	end_as_owner(&oc);
+	return (Datum) 0;
+}
+
+static const char *
+state_name(SagaWorkerState s)
+{
+	switch (s)
+	{
+		case SAGA_SLOT_STARTING:
+			return "starting";
+		case SAGA_SLOT_IDLE:
+			return "idle";
+		case SAGA_SLOT_DISPATCHING:
+			return "dispatching";
+		case SAGA_SLOT_WAITING_LOCK:
+			return "waiting for another worker of this database to exit";
+		case SAGA_SLOT_EXITED:
+			return "exited";
+		default:
+			return "free";
+	}
+}
+
+Datum
+saga_worker_status(PG_FUNCTION_ARGS)
+{
+	TupleDesc	desc;
+	Tuplestorestate *store = begin_srf(fcinfo, &desc);
+	Datum		values[7];
+	bool		nulls[7];
+
+	if (!saga_shmem_available())
+	{
+		ereport(WARNING,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("no saga worker is running: saga is not in shared_preload_libraries"),
+				 errhint("Add saga to shared_preload_libraries in postgresql.conf and restart the server.")));
+		return (Datum) 0;
+	}
+
+	SpinLockAcquire(&saga_shared->mutex);
+	memset(nulls, 0, sizeof(nulls));
+	values[0] = CStringGetTextDatum("launcher");
+	nulls[1] = true;
+	values[2] = Int32GetDatum(saga_shared->launcher_pid);
+	values[3] = CStringGetTextDatum(saga_shared->launcher_pid ? "running" : "not running");
+	values[4] = TimestampTzGetDatum(saga_shared->launcher_started_at);
+	nulls[4] = saga_shared->launcher_pid == 0;
+	nulls[5] = true;
+	nulls[6] = true;
+	SpinLockRelease(&saga_shared->mutex);
+	tuplestore_putvalues(store, desc, values, nulls);
+
+	for (int i = 0; i < saga_shared->nslots; i++)
+	{
+		SagaWorkerSlot copy;
+		char	   *dbname;
+
+		SpinLockAcquire(&saga_shared->mutex);
+		memcpy(&copy, &saga_shared->slots[i], sizeof(copy));
+		SpinLockRelease(&saga_shared->mutex);
+		if (copy.state == SAGA_SLOT_FREE || copy.state == SAGA_SLOT_EXITED)
+			continue;
+		dbname = get_database_name(copy.dboid);
+		memset(nulls, 0, sizeof(nulls));
+		values[0] = CStringGetTextDatum("worker");
+		values[1] = dbname ? CStringGetTextDatum(dbname) : (Datum) 0;
+		nulls[1] = dbname == NULL;
+		values[2] = Int32GetDatum(copy.pid);
+		values[3] = CStringGetTextDatum(state_name(copy.state));
+		values[4] = TimestampTzGetDatum(copy.started_at);
+		nulls[4] = copy.started_at == 0;
+		values[5] = TimestampTzGetDatum(copy.last_cycle_at);
+		nulls[5] = copy.last_cycle_at == 0;
+		values[6] = Int32GetDatum(copy.in_flight);
+		tuplestore_putvalues(store, desc, values, nulls);
+	}
+	return (Datum) 0;
+}

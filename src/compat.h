@@ -1,0 +1,21 @@
+/*
+ * compat.h
+ *		Shims for the PostgreSQL versions saga builds against (14 to 17).
+ */
+#ifndef SAGA_COMPAT_H
+#define SAGA_COMPAT_H
+
+#include "storage/latch.h"
+#include "utils/memutils.h"
+
+#if PG_VERSION_NUM >= 170000
+#define SagaCreateWaitEventSet(n) CreateWaitEventSet(NULL, (n))
+#else
+#define SagaCreateWaitEventSet(n) CreateWaitEventSet(CurrentMemoryContext, (n))
+#endif
+
+#if PG_VERSION_NUM < 150000
+#define MarkGUCPrefixReserved(prefix) EmitWarningsOnPlaceholders(prefix)
+#endif
+
+#endif							/* SAGA_COMPAT_H */

@@ -1,0 +1,467 @@
+/*
+ * outbox.c
+ *		The SQL the worker runs against the outbox: claim, dispatch to
+ *		NOTIFY, record HTTP outcomes.
+ *
+ * Every function here runs inside a transaction the worker opened, with SPI
+ * connected; none does network I/O. Plans are prepared once and kept.
+ */
+#include "saga.h"
+
+#include "catalog/pg_type.h"
+#include "commands/async.h"
+#include "commands/extension.h"
+#include "common/pg_prng.h"
+#include "executor/spi.h"
+#include "mb/pg_wchar.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/lsyscache.h"
+#include "utils/uuid.h"
+
+#include "outbox.h"
+
+/* pg_notify refuses payloads of this many bytes or more */
+#define NOTIFY_PAYLOAD_LIMIT	8000
+
+/* how much longer than the request time-out a claim is leased */
+#define LEASE_MARGIN_MS			5000
+
+static SPIPlanPtr
+prepare_kept(const char *sql, int nargs, Oid *argtypes)
+{
+	SPIPlanPtr	plan = SPI_prepare(sql, nargs, argtypes);
+
+	if (plan == NULL)
+		elog(ERROR, "SPI_prepare failed for saga worker query: %s",
+			 SPI_result_code_string(SPI_result));
+	SPI_keepplan(plan);
+	return plan;
+}
+
+bool
+saga_outbox_extension_present(void)
+{
+	return OidIsValid(get_extension_oid("saga", true));
+}
+
+/*
+ * Leases left by a previous incarnation of the worker: it is gone (we hold
+ * the database's worker lock), so its claims can be retried now.
+ */
+void
+saga_outbox_reconcile(void)
+{
+	int			rc = SPI_execute("UPDATE saga.queue SET lease_until = NULL "
+								 "WHERE lease_until IS NOT NULL AND status = 'pending'",
+								 false, 0);
+
+	if (rc != SPI_OK_UPDATE)
+		elog(ERROR, "saga: could not reset leases: %s", SPI_result_code_string(rc));
+	if (SPI_processed > 0)
+		ereport(LOG,
+				(errmsg("saga worker released %llu deliveries claimed before a restart",
+						(unsigned long long) SPI_processed)));
+}
+
+static char *
+get_text(HeapTuple tup, TupleDesc desc, int col)
+{
+	return SPI_getvalue(tup, desc, col);
+}
+
+static int32
+get_int4(HeapTuple tup, TupleDesc desc, int col)
+{
+	bool		isnull;
+	Datum		d = SPI_getbinval(tup, desc, col, &isnull);
+
+	return isnull ? 0 : DatumGetInt32(d);
+}
+
+/* Text array column as a List of C strings. */
+static List *
+get_text_list(HeapTuple tup, TupleDesc desc, int col)
+{
+	bool		isnull;
+	Datum		d = SPI_getbinval(tup, desc, col, &isnull);
+	Datum	   *elems;
+	bool	   *nulls;
+	int			n;
+	List	   *result = NIL;
+
+	if (isnull)
+		return NIL;
+	deconstruct_array(DatumGetArrayTypeP(d), TEXTOID, -1, false, TYPALIGN_INT,
+					  &elems, &nulls, &n);
+	for (int i = 0; i < n; i++)
+		if (!nulls[i])
+			result = lappend(result, TextDatumGetCString(elems[i]));
+	return result;
+}
+
+List *
+saga_outbox_destinations(void)
+{
+	static SPIPlanPtr plan = NULL;
+	List	   *result = NIL;
+	MemoryContext caller = CurrentMemoryContext;
+	int			rc;
+
+	if (plan == NULL)
+		plan = prepare_kept(
+							"SELECT name, kind, target,"
+							" ARRAY(SELECT h.key || ': ' || h.value FROM jsonb_each_text(headers) h),"
+							" (extract(epoch FROM timeout) * 1000)::int4,"
+							" max_attempts,"
+							" (extract(epoch FROM backoff) * 1000)::int4,"
+							" (extract(epoch FROM max_backoff) * 1000)::int4,"
+							" concurrency"
+							" FROM saga.destinations ORDER BY name",
+							0, NULL);
+	rc = SPI_execute_plan(plan, NULL, NULL, true, 0);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "saga: could not read destinations: %s", SPI_result_code_string(rc));
+
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		MemoryContext old = MemoryContextSwitchTo(caller);
+		SagaDestination *d = palloc0(sizeof(SagaDestination));
+		char	   *kind;
+
+		d->name = get_text(tup, desc, 1);
+		kind = get_text(tup, desc, 2);
+		d->kind = strcmp(kind, "notify") == 0 ? SAGA_DEST_NOTIFY : SAGA_DEST_HTTP;
+		d->target = get_text(tup, desc, 3);
+		d->header_lines = get_text_list(tup, desc, 4);
+		d->timeout_ms = get_int4(tup, desc, 5);
+		d->max_attempts = get_int4(tup, desc, 6);
+		d->backoff_ms = get_int4(tup, desc, 7);
+		d->max_backoff_ms = get_int4(tup, desc, 8);
+		d->concurrency = get_int4(tup, desc, 9);
+		result = lappend(result, d);
+		MemoryContextSwitchTo(old);
+	}
+	return result;
+}
+
+/*
+ * Deliver up to limit due messages of one NOTIFY destination in the current
+ * transaction: the rows are deleted and the notifications queued together, so
+ * they commit (and are sent) together. A message whose envelope is too large
+ * for NOTIFY goes out without its payload and is kept, marked delivered, for
+ * saga.message() to read until saga.message_retention passes.
+ *
+ * A keyed message waits while an earlier one with its key is not yet due;
+ * messages due together go out in publish order.
+ */
+int
+saga_outbox_dispatch_notify(SagaDestination *dest, int limit)
+{
+	static SPIPlanPtr plan = NULL;
+	Datum		args[2];
+	int			rc;
+
+	if (plan == NULL)
+	{
+		Oid			types[2] = {TEXTOID, INT4OID};
+
+		plan = prepare_kept(
+							"WITH gone AS ("
+							"  DELETE FROM saga.queue q"
+							"  WHERE q.ctid = ANY (ARRAY("
+							"    SELECT c.ctid FROM saga.queue c"
+							"    WHERE c.destination = $1 AND c.status = 'pending'"
+							"      AND c.next_attempt_at <= now()"
+							"      AND (c.key IS NULL OR NOT EXISTS ("
+							"        SELECT 1 FROM saga.queue e"
+							"        WHERE e.destination = $1 AND e.key = c.key AND e.status = 'pending'"
+							"          AND e.seq < c.seq AND e.next_attempt_at > now()))"
+							"    ORDER BY c.seq LIMIT $2))"
+							"    AND q.status = 'pending'"
+							"  RETURNING q.*),"
+							" env AS ("
+							"  SELECT g.*, jsonb_build_object('id', g.message_id, 'topic', g.topic,"
+							"    'key', g.key, 'payload', g.payload, 'headers', g.headers)::text AS envelope"
+							"  FROM gone g),"
+							" kept AS ("
+							"  INSERT INTO saga.queue (message_id, destination, seq, topic, key, payload,"
+							"    headers, published_at, next_attempt_at, attempts, status, finished_at)"
+							"  SELECT message_id, destination, seq, topic, key, payload, headers,"
+							"    published_at, next_attempt_at, attempts + 1, 'delivered', now()"
+							"  FROM env WHERE octet_length(envelope) >= 8000)"
+							" SELECT CASE WHEN octet_length(envelope) < 8000 THEN envelope"
+							"  ELSE jsonb_build_object('id', message_id, 'topic', topic, 'key', key,"
+							"    'headers', headers, 'truncated', true)::text END"
+							" FROM env ORDER BY seq",
+							2, types);
+	}
+	args[0] = CStringGetTextDatum(dest->name);
+	args[1] = Int32GetDatum(limit);
+	rc = SPI_execute_plan(plan, args, NULL, false, 0);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "saga: NOTIFY dispatch failed: %s", SPI_result_code_string(rc));
+
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		char	   *envelope = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1);
+
+		Async_Notify(dest->target, envelope);
+	}
+	return (int) SPI_processed;
+}
+
+/*
+ * Exponential backoff with "equal jitter": the n-th retry waits between half
+ * and all of backoff * 2^(n-1), capped at max_backoff.
+ */
+int
+saga_backoff_ms(int attempt, int backoff_ms, int max_backoff_ms)
+{
+	double		delay = backoff_ms;
+
+	for (int i = 1; i < attempt && delay < max_backoff_ms; i++)
+		delay *= 2;
+	if (delay > max_backoff_ms)
+		delay = max_backoff_ms;
+	return (int) (delay / 2 + pg_prng_double(&pg_global_prng_state) * delay / 2);
+}
+
+/*
+ * Claim up to limit due messages of an HTTP destination: a lease (attempts
+ * incremented, lease_until set) that outlives the request, so a crash leaves
+ * nothing stuck. Only the oldest pending message of each key is claimed, so
+ * a keyed message never overtakes an earlier one, even while that one is
+ * retrying. Returns the requests, ready to submit after commit.
+ */
+List *
+saga_outbox_claim_http(SagaHttp *http, SagaDestination *dest, int limit)
+{
+	static SPIPlanPtr plan = NULL;
+	Datum		args[3];
+	List	   *result = NIL;
+	int			rc;
+
+	if (plan == NULL)
+	{
+		Oid			types[3] = {TEXTOID, INT4OID, INT4OID};
+
+		plan = prepare_kept(
+							"UPDATE saga.queue q"
+							" SET lease_until = now() + $3 * interval '1 millisecond',"
+							"     attempts = q.attempts + 1"
+							" WHERE q.ctid = ANY (ARRAY("
+							"   SELECT c.ctid FROM saga.queue c"
+							"   WHERE c.destination = $1 AND c.status = 'pending'"
+							"     AND c.next_attempt_at <= now()"
+							"     AND (c.lease_until IS NULL OR c.lease_until < now())"
+							"     AND (c.key IS NULL OR NOT EXISTS ("
+							"       SELECT 1 FROM saga.queue e"
+							"       WHERE e.destination = $1 AND e.key = c.key"
+							"         AND e.status = 'pending' AND e.seq < c.seq))"
+							"   ORDER BY c.seq LIMIT $2))"
+							"   AND q.status = 'pending'"
+							" RETURNING q.message_id, q.attempts, q.topic, q.payload::text,"
+							"   ARRAY(SELECT h.key || ': ' || h.value FROM jsonb_each_text(q.headers) h)",
+							3, types);
+	}
+	args[0] = CStringGetTextDatum(dest->name);
+	args[1] = Int32GetDatum(limit);
+	args[2] = Int32GetDatum(dest->timeout_ms + LEASE_MARGIN_MS);
+	rc = SPI_execute_plan(plan, args, NULL, false, 0);
+	if (rc != SPI_OK_UPDATE_RETURNING)
+		elog(ERROR, "saga: HTTP claim failed: %s", SPI_result_code_string(rc));
+
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		SagaHttpRequest *req = saga_http_new_request(http);
+		MemoryContext old = MemoryContextSwitchTo(req->cxt);
+		bool		isnull;
+		char	   *id;
+		ListCell   *lc;
+
+		memcpy(&req->message_id,
+			   DatumGetUUIDP(SPI_getbinval(tup, desc, 1, &isnull)), sizeof(pg_uuid_t));
+		req->attempt = get_int4(tup, desc, 2);
+		req->destination = pstrdup(dest->name);
+		req->url = pstrdup(dest->target);
+		req->body = get_text(tup, desc, 4);
+		req->timeout_ms = dest->timeout_ms;
+		req->max_attempts = dest->max_attempts;
+		req->backoff_ms = dest->backoff_ms;
+		req->max_backoff_ms = dest->max_backoff_ms;
+
+		id = get_text(tup, desc, 1);
+		saga_http_add_header(req, "Content-Type", "application/json");
+		saga_http_add_header(req, "Idempotency-Key", id);
+		saga_http_add_header(req, "Saga-Topic", get_text(tup, desc, 3));
+		foreach(lc, dest->header_lines)
+			req->headers = curl_slist_append(req->headers, (char *) lfirst(lc));
+		foreach(lc, get_text_list(tup, desc, 5))
+			req->headers = curl_slist_append(req->headers, (char *) lfirst(lc));
+		MemoryContextSwitchTo(old);
+		result = lappend(result, req);
+	}
+	return result;
+}
+
+/* Replace bytes that are not valid in the database encoding. */
+static char *
+valid_text(const char *s)
+{
+	char	   *copy = pstrdup(s);
+	int			len = strlen(copy);
+	int			pos = 0;
+
+	while (pos < len)
+	{
+		int			ok = pg_encoding_verifymbstr(GetDatabaseEncoding(), copy + pos, len - pos);
+
+		pos += ok;
+		if (pos < len)
+			copy[pos++] = '?';
+	}
+	return copy;
+}
+
+/*
+ * Record the outcomes of finished HTTP requests in one statement. Each row is
+ * matched on (message, destination, attempts): a claim that was lost (lease
+ * expired and claimed again) no longer matches, and is left alone.
+ */
+SagaRecordCounts
+saga_outbox_record_http(List *requests)
+{
+	static SPIPlanPtr plan = NULL;
+	SagaRecordCounts counts = {0, 0, 0};
+	int			n = list_length(requests);
+	Datum	   *ids,
+			   *dests,
+			   *attempts,
+			   *outcomes,
+			   *delays,
+			   *errors,
+			   *statuses;
+	bool	   *status_nulls,
+			   *error_nulls;
+	int			dims[1] = {n};
+	int			lbs[1] = {1};
+	Datum		args[7];
+	ListCell   *lc;
+	int			i = 0;
+	int			rc;
+
+	if (n == 0)
+		return counts;
+	if (plan == NULL)
+	{
+		Oid			types[7] = {UUIDARRAYOID, TEXTARRAYOID, INT4ARRAYOID, INT4ARRAYOID,
+		FLOAT8ARRAYOID, TEXTARRAYOID, INT4ARRAYOID};
+
+		plan = prepare_kept(
+							"WITH u AS ("
+							"  SELECT * FROM unnest($1, $2, $3, $4, $5, $6, $7)"
+							"    AS u(message_id, destination, attempts, outcome, delay, error, http_status)),"
+							" delivered AS ("
+							"  DELETE FROM saga.queue q USING u"
+							"  WHERE u.outcome = 0 AND q.message_id = u.message_id"
+							"    AND q.destination = u.destination AND q.attempts = u.attempts"
+							"    AND q.status = 'pending'"
+							"  RETURNING 1),"
+							" failed AS ("
+							"  UPDATE saga.queue q SET lease_until = NULL,"
+							"    status = CASE WHEN u.outcome = 2 THEN 'dead' ELSE 'pending' END,"
+							"    next_attempt_at = CASE WHEN u.outcome = 2 THEN q.next_attempt_at"
+							"      ELSE now() + u.delay * interval '1 second' END,"
+							"    finished_at = CASE WHEN u.outcome = 2 THEN now() END,"
+							"    last_error = u.error, last_status = u.http_status"
+							"  FROM u WHERE u.outcome <> 0 AND q.message_id = u.message_id"
+							"    AND q.destination = u.destination AND q.attempts = u.attempts"
+							"    AND q.status = 'pending'"
+							"  RETURNING 1)"
+							" SELECT (SELECT count(*) FROM delivered), (SELECT count(*) FROM failed)",
+							7, types);
+	}
+
+	ids = palloc(sizeof(Datum) * n);
+	dests = palloc(sizeof(Datum) * n);
+	attempts = palloc(sizeof(Datum) * n);
+	outcomes = palloc(sizeof(Datum) * n);
+	delays = palloc(sizeof(Datum) * n);
+	errors = palloc(sizeof(Datum) * n);
+	statuses = palloc(sizeof(Datum) * n);
+	status_nulls = palloc(sizeof(bool) * n);
+	error_nulls = palloc(sizeof(bool) * n);
+
+	foreach(lc, requests)
+	{
+		SagaHttpRequest *req = lfirst(lc);
+		SagaOutcome outcome = req->outcome;
+		double		delay = 0;
+
+		if (outcome == SAGA_OUTCOME_RETRY && req->attempt >= req->max_attempts)
+			outcome = SAGA_OUTCOME_DEAD;
+		if (outcome == SAGA_OUTCOME_RETRY)
+			delay = req->retry_after_s >= 0 ? (double) req->retry_after_s :
+				saga_backoff_ms(req->attempt, req->backoff_ms, req->max_backoff_ms) / 1000.0;
+
+		ids[i] = UUIDPGetDatum(&req->message_id);
+		dests[i] = CStringGetTextDatum(req->destination);
+		attempts[i] = Int32GetDatum(req->attempt);
+		outcomes[i] = Int32GetDatum((int) outcome);
+		delays[i] = Float8GetDatum(delay);
+		error_nulls[i] = (req->error == NULL);
+		errors[i] = req->error ? CStringGetTextDatum(valid_text(req->error)) : (Datum) 0;
+		status_nulls[i] = (req->status == 0);
+		statuses[i] = Int32GetDatum((int32) req->status);
+		if (outcome == SAGA_OUTCOME_DELIVERED)
+			counts.delivered++;
+		else if (outcome == SAGA_OUTCOME_RETRY)
+			counts.retried++;
+		else
+			counts.dead++;
+		i++;
+	}
+
+	args[0] = PointerGetDatum(construct_md_array(ids, NULL, 1, dims, lbs, UUIDOID, UUID_LEN, false, TYPALIGN_CHAR));
+	args[1] = PointerGetDatum(construct_md_array(dests, NULL, 1, dims, lbs, TEXTOID, -1, false, TYPALIGN_INT));
+	args[2] = PointerGetDatum(construct_md_array(attempts, NULL, 1, dims, lbs, INT4OID, 4, true, TYPALIGN_INT));
+	args[3] = PointerGetDatum(construct_md_array(outcomes, NULL, 1, dims, lbs, INT4OID, 4, true, TYPALIGN_INT));
+	args[4] = PointerGetDatum(construct_md_array(delays, NULL, 1, dims, lbs, FLOAT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	args[5] = PointerGetDatum(construct_md_array(errors, error_nulls, 1, dims, lbs, TEXTOID, -1, false, TYPALIGN_INT));
+	args[6] = PointerGetDatum(construct_md_array(statuses, status_nulls, 1, dims, lbs, INT4OID, 4, true, TYPALIGN_INT));
+
+	rc = SPI_execute_plan(plan, args, NULL, false, 0);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "saga: could not record HTTP outcomes: %s", SPI_result_code_string(rc));
+	return counts;
+}
+
+/* Drop messages kept for saga.message() once their retention has passed. */
+int
+saga_outbox_expire_retained(void)
+{
+	static SPIPlanPtr plan = NULL;
+	Datum		args[1];
+	int			rc;
+
+	if (plan == NULL)
+	{
+		Oid			types[1] = {INT4OID};
+
+		plan = prepare_kept(
+							"DELETE FROM saga.queue q WHERE q.ctid = ANY (ARRAY("
+							"  SELECT c.ctid FROM saga.queue c WHERE c.status = 'delivered'"
+							"    AND c.finished_at < now() - $1 * interval '1 second' LIMIT 1000))",
+							1, types);
+	}
+	args[0] = Int32GetDatum(saga_message_retention_s);
+	rc = SPI_execute_plan(plan, args, NULL, false, 0);
+	if (rc != SPI_OK_DELETE)
+		elog(ERROR, "saga: could not expire retained messages: %s", SPI_result_code_string(rc));
+	return (int) SPI_processed;
+}

@@ -1,0 +1,48 @@
+/*
+ * outbox.h
+ *		The SQL the worker runs against the outbox tables.
+ */
+#ifndef SAGA_OUTBOX_H
+#define SAGA_OUTBOX_H
+
+#include "nodes/pg_list.h"
+
+#include "transport_http.h"
+
+typedef enum SagaDestinationKind
+{
+	SAGA_DEST_NOTIFY,
+	SAGA_DEST_HTTP
+} SagaDestinationKind;
+
+/* A destination as the worker needs it for one cycle. */
+typedef struct SagaDestination
+{
+	char	   *name;
+	SagaDestinationKind kind;
+	char	   *target;			/* NOTIFY channel or URL */
+	List	   *header_lines;	/* "Name: value", HTTP only */
+	int			timeout_ms;
+	int			max_attempts;
+	int			backoff_ms;
+	int			max_backoff_ms;
+	int			concurrency;
+} SagaDestination;
+
+typedef struct SagaRecordCounts
+{
+	int			delivered;
+	int			retried;
+	int			dead;
+} SagaRecordCounts;
+
+extern bool saga_outbox_extension_present(void);
+extern void saga_outbox_reconcile(void);
+extern List *saga_outbox_destinations(void);
+extern int	saga_outbox_dispatch_notify(SagaDestination *dest, int limit);
+extern List *saga_outbox_claim_http(SagaHttp *http, SagaDestination *dest, int limit);
+extern SagaRecordCounts saga_outbox_record_http(List *requests);
+extern int	saga_outbox_expire_retained(void);
+extern int	saga_backoff_ms(int attempt, int backoff_ms, int max_backoff_ms);
+
+#endif							/* SAGA_OUTBOX_H */

@@ -1,0 +1,92 @@
+/*
+ * saga.h
+ *		Declarations shared between the files of the saga extension.
+ */
+#ifndef SAGA_H
+#define SAGA_H
+
+#include "postgres.h"
+
+#include "datatype/timestamp.h"
+#include "port/atomics.h"
+#include "storage/latch.h"
+#include "storage/spin.h"
+
+/* guc.c */
+extern char *saga_databases;
+extern int	saga_poll_interval_ms;
+extern int	saga_batch_size;
+extern int	saga_max_databases;
+extern int	saga_max_payload_size;
+extern int	saga_message_retention_s;
+extern void saga_define_gucs(void);
+
+/* shmem.c: one slot per database worker */
+typedef enum SagaWorkerState
+{
+	SAGA_SLOT_FREE = 0,
+	SAGA_SLOT_STARTING,
+	SAGA_SLOT_IDLE,
+	SAGA_SLOT_DISPATCHING,
+	SAGA_SLOT_WAITING_LOCK,
+	SAGA_SLOT_EXITED
+} SagaWorkerState;
+
+typedef enum SagaExitReason
+{
+	SAGA_EXIT_NONE = 0,
+	SAGA_EXIT_NO_EXTENSION,		/* database has no saga extension: do not restart soon */
+	SAGA_EXIT_ERROR				/* anything else: restart after a short delay */
+} SagaExitReason;
+
+typedef struct SagaWorkerSlot
+{
+	Oid			dboid;
+	SagaWorkerState state;
+	SagaExitReason exit_reason;
+	pid_t		pid;
+	Latch	   *latch;
+	TimestampTz started_at;
+	TimestampTz last_cycle_at;
+	int			in_flight;
+	pg_atomic_uint64 published;
+	pg_atomic_uint64 delivered;
+	pg_atomic_uint64 retried;
+	pg_atomic_uint64 dead_lettered;
+} SagaWorkerSlot;
+
+typedef struct SagaShared
+{
+	slock_t		mutex;
+	pid_t		launcher_pid;
+	Latch	   *launcher_latch;
+	TimestampTz launcher_started_at;
+	bool		recheck_databases;	/* set when CREATE EXTENSION saga commits */
+	int			nslots;
+	SagaWorkerSlot slots[FLEXIBLE_ARRAY_MEMBER];
+} SagaShared;
+
+extern SagaShared *saga_shared;
+extern void saga_shmem_request(void);
+extern void saga_shmem_startup(void);
+extern bool saga_shmem_available(void);
+extern SagaWorkerSlot *saga_slot_for_database(Oid dboid);
+extern void saga_wake_worker(Oid dboid);
+extern void saga_wake_launcher(bool recheck);
+
+/* launcher.c */
+extern void saga_register_launcher(void);
+extern PGDLLEXPORT void saga_launcher_main(Datum arg);
+extern void saga_stop_worker_for_database(Oid dboid);
+
+/* worker.c */
+extern PGDLLEXPORT void saga_worker_main(Datum arg);
+
+/* uuid7.c */
+extern void saga_uuid7(unsigned char *out);
+
+/* api.c: wake the worker when the current transaction commits */
+extern void saga_wake_at_commit(int published);
+extern void saga_wake_launcher_at_commit(void);
+
+#endif							/* SAGA_H */

@@ -1,0 +1,314 @@
+/*
+ * transport_http.c
+ *		HTTP POST over libcurl's multi interface.
+ *
+ * The worker owns the event loop: it asks for the sockets libcurl waits on,
+ * waits on them together with its latch, then lets libcurl perform. Nothing
+ * here touches a transaction; outcomes are data for the caller to record.
+ */
+#include "postgres.h"
+
+#include <sys/select.h>
+
+#include "storage/latch.h"
+#include "utils/memutils.h"
+
+#include "transport_http.h"
+
+#define RESPONSE_SNIPPET_BYTES	512
+#define MAX_RETRY_AFTER_S		(24 * 3600)
+
+struct SagaHttp
+{
+	CURLM	   *multi;
+	MemoryContext cxt;
+	dlist_head	running;
+	dlist_head	completed;
+};
+
+SagaHttp *
+saga_http_create(void)
+{
+	SagaHttp   *http = MemoryContextAllocZero(TopMemoryContext, sizeof(SagaHttp));
+
+	http->cxt = AllocSetContextCreate(TopMemoryContext, "saga http",
+									  ALLOCSET_DEFAULT_SIZES);
+	http->multi = curl_multi_init();
+	if (http->multi == NULL)
+		elog(ERROR, "curl_multi_init failed");
+	/* keep idle connections to every destination for reuse */
+	curl_multi_setopt(http->multi, CURLMOPT_MAXCONNECTS, 1024L);
+	dlist_init(&http->running);
+	dlist_init(&http->completed);
+	return http;
+}
+
+SagaHttpRequest *
+saga_http_new_request(SagaHttp *http)
+{
+	MemoryContext cxt = AllocSetContextCreate(http->cxt, "saga http request",
+											  ALLOCSET_SMALL_SIZES);
+	SagaHttpRequest *req = MemoryContextAllocZero(cxt, sizeof(SagaHttpRequest));
+
+	req->cxt = cxt;
+	req->retry_after_s = -1;
+	return req;
+}
+
+void
+saga_http_add_header(SagaHttpRequest *req, const char *name, const char *value)
+{
+	char	   *line = psprintf("%s: %s", name, value);
+	struct curl_slist *l = curl_slist_append(req->headers, line);
+
+	pfree(line);
+	if (l == NULL)
+		elog(ERROR, "out of memory in curl_slist_append");
+	req->headers = l;
+}
+
+static size_t
+collect_response(char *data, size_t size, size_t nmemb, void *arg)
+{
+	SagaHttpRequest *req = (SagaHttpRequest *) arg;
+	size_t		len = size * nmemb;
+	size_t		room = RESPONSE_SNIPPET_BYTES - req->response.len;
+
+	/* keep the start of the body for the error message; drop the rest */
+	if (room > 0)
+		appendBinaryStringInfo(&req->response, data, Min(len, room));
+	return len;
+}
+
+void
+saga_http_submit(SagaHttp *http, SagaHttpRequest *req)
+{
+	CURL	   *easy = curl_easy_init();
+	MemoryContext old;
+
+	if (easy == NULL)
+		elog(ERROR, "curl_easy_init failed");
+	req->easy = easy;
+	old = MemoryContextSwitchTo(req->cxt);
+	initStringInfo(&req->response);
+	MemoryContextSwitchTo(old);
+
+	/* a large body must not wait a second for "100 Continue" */
+	saga_http_add_header(req, "Expect", "");
+
+	curl_easy_setopt(easy, CURLOPT_PRIVATE, req);
+	curl_easy_setopt(easy, CURLOPT_URL, req->url);
+#if LIBCURL_VERSION_NUM >= 0x075500
+	curl_easy_setopt(easy, CURLOPT_PROTOCOLS_STR, "http,https");
+#else
+	curl_easy_setopt(easy, CURLOPT_PROTOCOLS, (long) (CURLPROTO_HTTP | CURLPROTO_HTTPS));
+#endif
+	curl_easy_setopt(easy, CURLOPT_FOLLOWLOCATION, 0L);
+	curl_easy_setopt(easy, CURLOPT_NOSIGNAL, 1L);
+	curl_easy_setopt(easy, CURLOPT_POST, 1L);
+	curl_easy_setopt(easy, CURLOPT_POSTFIELDS, req->body);
+	curl_easy_setopt(easy, CURLOPT_POSTFIELDSIZE, (long) strlen(req->body));
+	curl_easy_setopt(easy, CURLOPT_HTTPHEADER, req->headers);
+	curl_easy_setopt(easy, CURLOPT_TIMEOUT_MS, req->timeout_ms);
+	curl_easy_setopt(easy, CURLOPT_CONNECTTIMEOUT_MS, req->timeout_ms);
+	curl_easy_setopt(easy, CURLOPT_USERAGENT, "saga/" "0.1");
+	curl_easy_setopt(easy, CURLOPT_ERRORBUFFER, req->curl_error);
+	curl_easy_setopt(easy, CURLOPT_WRITEFUNCTION, collect_response);
+	curl_easy_setopt(easy, CURLOPT_WRITEDATA, req);
+
+	if (curl_multi_add_handle(http->multi, easy) != CURLM_OK)
+		elog(ERROR, "curl_multi_add_handle failed");
+	dlist_push_tail(&http->running, &req->node);
+}
+
+int
+saga_http_in_flight(SagaHttp *http, const char *destination)
+{
+	dlist_iter	iter;
+	int			n = 0;
+
+	dlist_foreach(iter, &http->running)
+	{
+		SagaHttpRequest *req = dlist_container(SagaHttpRequest, node, iter.cur);
+
+		if (strcmp(req->destination, destination) == 0)
+			n++;
+	}
+	return n;
+}
+
+int
+saga_http_total_in_flight(SagaHttp *http)
+{
+	dlist_iter	iter;
+	int			n = 0;
+
+	dlist_foreach(iter, &http->running)
+		n++;
+	return n;
+}
+
+/* The sockets libcurl waits on, as latch.h wait events. */
+int
+saga_http_wait_fds(SagaHttp *http, pgsocket *fds, uint32 *events, int max)
+{
+	fd_set		r,
+				w,
+				e;
+	int			maxfd = -1;
+	int			n = 0;
+
+	FD_ZERO(&r);
+	FD_ZERO(&w);
+	FD_ZERO(&e);
+	if (curl_multi_fdset(http->multi, &r, &w, &e, &maxfd) != CURLM_OK)
+		return 0;
+	for (int fd = 0; fd <= maxfd && n < max; fd++)
+	{
+		uint32		ev = 0;
+
+		if (FD_ISSET(fd, &r))
+			ev |= WL_SOCKET_READABLE;
+		if (FD_ISSET(fd, &w))
+			ev |= WL_SOCKET_WRITEABLE;
+		if (ev == 0)
+			continue;
+		fds[n] = fd;
+		events[n] = ev;
+		n++;
+	}
+	return n;
+}
+
+/* How long libcurl may wait before it needs to run; -1 when idle. */
+long
+saga_http_timeout_ms(SagaHttp *http)
+{
+	long		timeout = -1;
+
+	if (dlist_is_empty(&http->running))
+		return -1;
+	curl_multi_timeout(http->multi, &timeout);
+	/* running but nothing to wait on (a resolver thread): look again soon */
+	if (timeout < 0)
+		timeout = 100;
+	return timeout;
+}
+
+static long
+parse_retry_after(CURL *easy)
+{
+#if LIBCURL_VERSION_NUM >= 0x075400
+	struct curl_header *h;
+	char	   *end;
+	long		seconds;
+	time_t		when;
+
+	if (curl_easy_header(easy, "Retry-After", 0, CURLH_HEADER, -1, &h) != CURLHE_OK)
+		return -1;
+	errno = 0;
+	seconds = strtol(h->value, &end, 10);
+	if (errno == 0 && end != h->value && *end == '\0' && seconds >= 0)
+		return Min(seconds, MAX_RETRY_AFTER_S);
+	when = curl_getdate(h->value, NULL);
+	if (when < 0)
+		return -1;
+	seconds = (long) (when - time(NULL));
+	return Max(0, Min(seconds, MAX_RETRY_AFTER_S));
+#else
+	return -1;
+#endif
+}
+
+/* Let libcurl move every transfer along; collect the ones that finished. */
+void
+saga_http_perform(SagaHttp *http)
+{
+	int			running;
+	int			queued;
+	CURLMsg    *msg;
+
+	curl_multi_perform(http->multi, &running);
+	while ((msg = curl_multi_info_read(http->multi, &queued)) != NULL)
+	{
+		SagaHttpRequest *req;
+
+		if (msg->msg != CURLMSG_DONE)
+			continue;
+		curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **) &req);
+		req->result = msg->data.result;
+		curl_easy_getinfo(req->easy, CURLINFO_RESPONSE_CODE, &req->status);
+		req->retry_after_s = parse_retry_after(req->easy);
+		curl_multi_remove_handle(http->multi, req->easy);
+		curl_easy_cleanup(req->easy);
+		req->easy = NULL;
+		dlist_delete(&req->node);
+		dlist_push_tail(&http->completed, &req->node);
+	}
+}
+
+bool
+saga_http_has_completed(SagaHttp *http)
+{
+	return !dlist_is_empty(&http->completed);
+}
+
+SagaHttpRequest *
+saga_http_next_completed(SagaHttp *http)
+{
+	if (dlist_is_empty(&http->completed))
+		return NULL;
+	return dlist_container(SagaHttpRequest, node,
+						   dlist_pop_head_node(&http->completed));
+}
+
+/*
+ * Sort an outcome into delivered, retry or dead, as DESIGN.md says: 2xx is
+ * delivered; 408, 425, 429, 5xx, time-outs and connection errors are worth
+ * another attempt; any other answer is permanent.
+ */
+void
+saga_http_classify(SagaHttpRequest *req)
+{
+	long		s = req->status;
+	MemoryContext old = MemoryContextSwitchTo(req->cxt);
+
+	if (req->result != CURLE_OK)
+	{
+		req->outcome = SAGA_OUTCOME_RETRY;
+		req->error = psprintf("%s (curl error %d)",
+							  req->curl_error[0] ? req->curl_error : curl_easy_strerror(req->result),
+							  (int) req->result);
+		req->status = 0;
+	}
+	else
+	{
+		if (s >= 200 && s < 300)
+			req->outcome = SAGA_OUTCOME_DELIVERED;
+		else if (s == 408 || s == 425 || s == 429 || s >= 500)
+			req->outcome = SAGA_OUTCOME_RETRY;
+		else
+			req->outcome = SAGA_OUTCOME_DEAD;
+		if (req->outcome != SAGA_OUTCOME_DELIVERED)
+		{
+			/* the snippet becomes text in a table: keep it valid UTF-8-ish */
+			for (int i = 0; i < req->response.len; i++)
+				if ((unsigned char) req->response.data[i] < 0x20 && req->response.data[i] != '\t')
+					req->response.data[i] = ' ';
+			req->error = req->response.len > 0 ?
+				psprintf("HTTP %ld: %s", s, req->response.data) :
+				psprintf("HTTP %ld", s);
+		}
+	}
+	MemoryContextSwitchTo(old);
+}
+
+void
+saga_http_free_request(SagaHttpRequest *req)
+{
+	if (req->easy)
+		curl_easy_cleanup(req->easy);
+	if (req->headers)
+		curl_slist_free_all(req->headers);
+	MemoryContextDelete(req->cxt);
+}

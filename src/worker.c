@@ -1,0 +1,347 @@
+/*
+ * worker.c
+ *		One worker per database: wait for work, then claim, dispatch and
+ *		record in short transactions.
+ *
+ * The loop never holds a transaction, snapshot or lock while it waits on the
+ * network: HTTP requests run in libcurl between transactions, and NOTIFY
+ * deliveries are queued and committed together with the rows they remove.
+ */
+#include "saga.h"
+
+#include "access/xact.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/lmgr.h"
+#include "storage/lock.h"
+#include "storage/proc.h"
+#include "tcop/tcopprot.h"
+#include "utils/guc.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+
+#include "compat.h"
+#include "outbox.h"
+
+/* advisory lock key (with the database oid) fencing one worker per database */
+#define WORKER_LOCK_KEY1	0x73616761	/* "saga" */
+#define WORKER_LOCK_KEY2	1
+
+/* at most this many NOTIFY batches per destination before looking at HTTP */
+#define NOTIFY_BATCHES_PER_CYCLE	8
+
+#define MAX_WAIT_FDS		1024
+#define RETENTION_SWEEP_MS	60000
+
+static SagaWorkerSlot *my_slot = NULL;
+
+/* reset every loop iteration; results of a cycle's SQL are copied here */
+static MemoryContext cycle_cxt = NULL;
+
+static void
+set_state(SagaWorkerState state)
+{
+	SpinLockAcquire(&saga_shared->mutex);
+	my_slot->state = state;
+	SpinLockRelease(&saga_shared->mutex);
+}
+
+static void
+worker_on_exit(int code, Datum arg)
+{
+	SpinLockAcquire(&saga_shared->mutex);
+	my_slot->state = SAGA_SLOT_EXITED;
+	my_slot->pid = 0;
+	my_slot->latch = NULL;
+	SpinLockRelease(&saga_shared->mutex);
+}
+
+static void
+leave_no_extension(void)
+{
+	my_slot->exit_reason = SAGA_EXIT_NO_EXTENSION;
+	proc_exit(0);
+}
+
+static void
+begin_work(const char *activity)
+{
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	PushActiveSnapshot(GetTransactionSnapshot());
+	MemoryContextSwitchTo(cycle_cxt);
+	pgstat_report_activity(STATE_RUNNING, activity);
+	/* DROP EXTENSION may have committed since the last cycle */
+	if (!saga_outbox_extension_present())
+	{
+		SPI_finish();
+		PopActiveSnapshot();
+		CommitTransactionCommand();
+		ereport(LOG, (errmsg("saga worker exiting: extension \"saga\" is not installed in this database")));
+		leave_no_extension();
+	}
+}
+
+static void
+end_work(void)
+{
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	MemoryContextSwitchTo(cycle_cxt);
+	pgstat_report_activity(STATE_IDLE, NULL);
+}
+
+/*
+ * Take the database's worker lock, a session-level advisory lock. Only one
+ * worker per database dispatches, even if a launcher race or a failover ever
+ * started two.
+ */
+static void
+acquire_worker_lock(void)
+{
+	LOCKTAG		tag;
+
+	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, WORKER_LOCK_KEY1, WORKER_LOCK_KEY2, 2);
+	for (;;)
+	{
+		LockAcquireResult r;
+
+		StartTransactionCommand();
+		r = LockAcquire(&tag, ExclusiveLock, true, true);
+		CommitTransactionCommand();
+		if (r != LOCKACQUIRE_NOT_AVAIL)
+			return;
+		set_state(SAGA_SLOT_WAITING_LOCK);
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 1000L, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+	}
+}
+
+/*
+ * One cycle: record finished HTTP requests, claim more for every HTTP
+ * destination with room, then drain due NOTIFY messages. Returns true when
+ * work was left behind (a full NOTIFY batch), so the caller does not sleep.
+ */
+static bool
+run_cycle(SagaHttp *http, bool sweep_retained)
+{
+	List	   *finished = NIL;
+	List	   *claimed = NIL;
+	List	   *destinations;
+	SagaHttpRequest *req;
+	SagaRecordCounts counts;
+	ListCell   *lc;
+	bool		more = false;
+
+	while ((req = saga_http_next_completed(http)) != NULL)
+	{
+		saga_http_classify(req);
+		if (req->outcome != SAGA_OUTCOME_DELIVERED)
+			ereport(DEBUG1,
+					(errmsg("saga: attempt %d to deliver to destination \"%s\" failed: %s",
+							req->attempt, req->destination, req->error)));
+		finished = lappend(finished, req);
+	}
+
+	begin_work("claiming and recording");
+	counts = saga_outbox_record_http(finished);
+	destinations = saga_outbox_destinations();
+	foreach(lc, destinations)
+	{
+		SagaDestination *dest = lfirst(lc);
+		int			room;
+
+		if (dest->kind != SAGA_DEST_HTTP)
+			continue;
+		room = dest->concurrency - saga_http_in_flight(http, dest->name);
+		if (room > 0)
+			claimed = list_concat(claimed,
+								  saga_outbox_claim_http(http, dest, Min(room, saga_batch_size)));
+	}
+	if (sweep_retained)
+		saga_outbox_expire_retained();
+	end_work();
+
+	/* committed: the outcomes are durable, the claims are ours */
+	pg_atomic_fetch_add_u64(&my_slot->delivered, counts.delivered);
+	pg_atomic_fetch_add_u64(&my_slot->retried, counts.retried);
+	pg_atomic_fetch_add_u64(&my_slot->dead_lettered, counts.dead);
+	foreach(lc, finished)
+		saga_http_free_request(lfirst(lc));
+	foreach(lc, claimed)
+		saga_http_submit(http, lfirst(lc));
+	if (claimed != NIL)
+		saga_http_perform(http);
+
+	foreach(lc, destinations)
+	{
+		SagaDestination *dest = lfirst(lc);
+
+		if (dest->kind != SAGA_DEST_NOTIFY)
+			continue;
+		for (int batch = 0;; batch++)
+		{
+			int			sent;
+
+			if (batch == NOTIFY_BATCHES_PER_CYCLE)
+			{
+				more = true;
+				break;
+			}
+			begin_work("dispatching to NOTIFY");
+			sent = saga_outbox_dispatch_notify(dest, saga_batch_size);
+			end_work();
+			pg_atomic_fetch_add_u64(&my_slot->delivered, sent);
+			if (sent < saga_batch_size)
+				break;
+		}
+	}
+
+	SpinLockAcquire(&saga_shared->mutex);
+	my_slot->last_cycle_at = GetCurrentTimestamp();
+	my_slot->in_flight = saga_http_total_in_flight(http);
+	SpinLockRelease(&saga_shared->mutex);
+	return more;
+}
+
+/*
+ * Sleep until the latch is set, a socket libcurl waits on is ready, or the
+ * timeout passes; then let libcurl run. Returns true if the latch was set.
+ */
+static bool
+wait_for_work(SagaHttp *http, long timeout_ms)
+{
+	pgsocket	fds[MAX_WAIT_FDS];
+	uint32		events[MAX_WAIT_FDS];
+	int			nfds = saga_http_wait_fds(http, fds, events, MAX_WAIT_FDS);
+	long		curl_timeout = saga_http_timeout_ms(http);
+	WaitEventSet *set;
+	WaitEvent	occurred[MAX_WAIT_FDS + 2];
+	bool		latch_set = false;
+	int			n;
+
+	if (curl_timeout >= 0 && curl_timeout < timeout_ms)
+		timeout_ms = curl_timeout;
+
+	set = SagaCreateWaitEventSet(nfds + 2);
+	AddWaitEventToSet(set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
+	AddWaitEventToSet(set, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
+	for (int i = 0; i < nfds; i++)
+		AddWaitEventToSet(set, events[i], fds[i], NULL, NULL);
+
+	set_state(SAGA_SLOT_IDLE);
+	n = WaitEventSetWait(set, timeout_ms, occurred, nfds + 2, PG_WAIT_EXTENSION);
+	for (int i = 0; i < n; i++)
+	{
+		if (occurred[i].events & WL_LATCH_SET)
+		{
+			ResetLatch(MyLatch);
+			latch_set = true;
+		}
+	}
+	FreeWaitEventSet(set);
+	set_state(SAGA_SLOT_DISPATCHING);
+
+	if (saga_http_total_in_flight(http) > 0)
+		saga_http_perform(http);
+	return latch_set;
+}
+
+void
+saga_worker_main(Datum arg)
+{
+	int			slotno = DatumGetInt32(arg);
+	Oid			dboid;
+	SagaHttp   *http;
+	TimestampTz next_poll;
+	TimestampTz next_sweep;
+	bool		work = true;
+
+	memcpy(&dboid, MyBgworkerEntry->bgw_extra, sizeof(Oid));
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, die);
+	BackgroundWorkerUnblockSignals();
+
+	if (slotno < 0 || slotno >= saga_shared->nslots ||
+		saga_shared->slots[slotno].dboid != dboid)
+		proc_exit(1);
+	my_slot = &saga_shared->slots[slotno];
+	SpinLockAcquire(&saga_shared->mutex);
+	my_slot->pid = MyProcPid;
+	my_slot->latch = MyLatch;
+	my_slot->started_at = GetCurrentTimestamp();
+	SpinLockRelease(&saga_shared->mutex);
+	before_shmem_exit(worker_on_exit, (Datum) 0);
+
+	BackgroundWorkerInitializeConnectionByOid(dboid, InvalidOid, 0);
+	pgstat_report_appname("saga worker");
+
+	/* our SQL names everything it uses; nobody else's objects may interfere */
+	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_OVERRIDE);
+	/* a lost commit only repeats a delivery, which receivers deduplicate */
+	SetConfigOption("synchronous_commit", "off", PGC_SUSET, PGC_S_OVERRIDE);
+
+	StartTransactionCommand();
+	if (!saga_outbox_extension_present())
+	{
+		CommitTransactionCommand();
+		leave_no_extension();
+	}
+	CommitTransactionCommand();
+
+	cycle_cxt = AllocSetContextCreate(TopMemoryContext, "saga worker cycle",
+									  ALLOCSET_DEFAULT_SIZES);
+	acquire_worker_lock();
+	begin_work("reconciling");
+	saga_outbox_reconcile();
+	end_work();
+	ereport(LOG, (errmsg("saga worker started")));
+
+	http = saga_http_create();
+	next_poll = GetCurrentTimestamp();
+	next_sweep = next_poll;
+
+	for (;;)
+	{
+		TimestampTz now;
+		bool		more = false;
+		long		timeout;
+
+		MemoryContextSwitchTo(cycle_cxt);
+		MemoryContextReset(cycle_cxt);
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+		}
+
+		now = GetCurrentTimestamp();
+		if (now >= next_poll)
+			work = true;
+		if (work || saga_http_has_completed(http))
+		{
+			bool		sweep = now >= next_sweep;
+
+			more = run_cycle(http, sweep);
+			if (sweep)
+				next_sweep = TimestampTzPlusMilliseconds(now, RETENTION_SWEEP_MS);
+			if (work)
+				next_poll = TimestampTzPlusMilliseconds(now, saga_poll_interval_ms);
+		}
+
+		timeout = more ? 0 : Max(0, TimestampDifferenceMilliseconds(GetCurrentTimestamp(), next_poll));
+		work = wait_for_work(http, timeout) || more;
+	}
+}
