@@ -13,7 +13,8 @@
 
 #include "access/htup_details.h"
 #include "access/xact.h"
-#include "catalog/pg_extension.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_class.h"
 #include "catalog/pg_type.h"
 #include "commands/dbcommands.h"
 #include "commands/extension.h"
@@ -30,9 +31,6 @@
 #include "utils/timestamp.h"
 #include "utils/tuplestore.h"
 #include "utils/uuid.h"
-#include "access/genam.h"
-#include "access/table.h"
-#include "catalog/indexing.h"
 
 #include <curl/curl.h>
 
@@ -117,27 +115,27 @@ saga_wake_launcher_at_commit(void)
 
 /* ---------- running SQL as the extension's owner ---------- */
 
+/*
+ * The extension's owner, read as the owner of saga.queue: every lookup on the
+ * way is a syscache hit, which matters on the publish path.
+ */
 static Oid
 extension_owner(void)
 {
-	Oid			ext = get_extension_oid("saga", false);
-	Relation	rel;
-	ScanKeyData key;
-	SysScanDesc scan;
+	Oid			nsp = get_namespace_oid("saga", true);
+	Oid			rel = OidIsValid(nsp) ? get_relname_relid("queue", nsp) : InvalidOid;
 	HeapTuple	tup;
-	Oid			owner = InvalidOid;
+	Oid			owner;
 
-	rel = table_open(ExtensionRelationId, AccessShareLock);
-	ScanKeyInit(&key, Anum_pg_extension_oid, BTEqualStrategyNumber,
-				F_OIDEQ, ObjectIdGetDatum(ext));
-	scan = systable_beginscan(rel, ExtensionOidIndexId, true, NULL, 1, &key);
-	tup = systable_getnext(scan);
-	if (HeapTupleIsValid(tup))
-		owner = ((Form_pg_extension) GETSTRUCT(tup))->extowner;
-	systable_endscan(scan);
-	table_close(rel, AccessShareLock);
-	if (!OidIsValid(owner))
-		elog(ERROR, "extension \"saga\" has no owner");
+	if (!OidIsValid(rel))
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("extension \"saga\" is not installed correctly: table saga.queue is missing")));
+	tup = SearchSysCache1(RELOID, ObjectIdGetDatum(rel));
+	if (!HeapTupleIsValid(tup))
+		elog(ERROR, "cache lookup failed for relation %u", rel);
+	owner = ((Form_pg_class) GETSTRUCT(tup))->relowner;
+	ReleaseSysCache(tup);
 	return owner;
 }
 

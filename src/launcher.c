@@ -128,6 +128,7 @@ list_candidate_databases(void)
 	table_close(rel, AccessShareLock);
 	PopActiveSnapshot();
 	CommitTransactionCommand();
+	MemoryContextSwitchTo(caller_cxt);
 	return result;
 }
 
@@ -175,6 +176,8 @@ start_worker(KnownDatabase *db, TimestampTz now)
 {
 	BackgroundWorker bgw;
 	int			slot = claim_slot(db->dboid);
+	MemoryContext old;
+	bool		registered;
 
 	if (slot < 0)
 	{
@@ -198,7 +201,11 @@ start_worker(KnownDatabase *db, TimestampTz now)
 	memcpy(bgw.bgw_extra, &db->dboid, sizeof(Oid));
 	bgw.bgw_notify_pid = MyProcPid;
 
-	if (!RegisterDynamicBackgroundWorker(&bgw, &db->handle))
+	/* the handle outlives this scan's memory */
+	old = MemoryContextSwitchTo(TopMemoryContext);
+	registered = RegisterDynamicBackgroundWorker(&bgw, &db->handle);
+	MemoryContextSwitchTo(old);
+	if (!registered)
 	{
 		release_slot(slot);
 		db->handle = NULL;
@@ -325,6 +332,7 @@ void
 saga_launcher_main(Datum arg)
 {
 	HASHCTL		ctl;
+	MemoryContext scan_cxt;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, die);
@@ -350,10 +358,14 @@ saga_launcher_main(Datum arg)
 	known_databases = hash_create("saga known databases", 64, &ctl,
 								  HASH_ELEM | HASH_BLOBS);
 
+	scan_cxt = AllocSetContextCreate(TopMemoryContext, "saga launcher scan",
+									 ALLOCSET_DEFAULT_SIZES);
 	for (;;)
 	{
 		long		sleep_ms;
 
+		MemoryContextSwitchTo(scan_cxt);
+		MemoryContextReset(scan_cxt);
 		CHECK_FOR_INTERRUPTS();
 		if (ConfigReloadPending)
 		{

@@ -234,14 +234,13 @@ saga_backoff_ms(int attempt, int backoff_ms, int max_backoff_ms)
  * incremented, lease_until set) that outlives the request, so a crash leaves
  * nothing stuck. Only the oldest pending message of each key is claimed, so
  * a keyed message never overtakes an earlier one, even while that one is
- * retrying. Returns the requests, ready to submit after commit.
+ * retrying. The requests wait in http until the claim commits.
  */
-List *
+int
 saga_outbox_claim_http(SagaHttp *http, SagaDestination *dest, int limit)
 {
 	static SPIPlanPtr plan = NULL;
 	Datum		args[3];
-	List	   *result = NIL;
 	int			rc;
 
 	if (plan == NULL)
@@ -304,9 +303,8 @@ saga_outbox_claim_http(SagaHttp *http, SagaDestination *dest, int limit)
 		foreach(lc, get_text_list(tup, desc, 5))
 			req->headers = curl_slist_append(req->headers, (char *) lfirst(lc));
 		MemoryContextSwitchTo(old);
-		result = lappend(result, req);
 	}
-	return result;
+	return (int) SPI_processed;
 }
 
 /* Replace bytes that are not valid in the database encoding. */

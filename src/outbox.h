@@ -40,7 +40,7 @@ extern bool saga_outbox_extension_present(void);
 extern void saga_outbox_reconcile(void);
 extern List *saga_outbox_destinations(void);
 extern int	saga_outbox_dispatch_notify(SagaDestination *dest, int limit);
-extern List *saga_outbox_claim_http(SagaHttp *http, SagaDestination *dest, int limit);
+extern int	saga_outbox_claim_http(SagaHttp *http, SagaDestination *dest, int limit);
 extern SagaRecordCounts saga_outbox_record_http(List *requests);
 extern int	saga_outbox_expire_retained(void);
 extern int	saga_backoff_ms(int attempt, int backoff_ms, int max_backoff_ms);

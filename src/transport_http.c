@@ -18,12 +18,15 @@
 #define RESPONSE_SNIPPET_BYTES	512
 #define MAX_RETRY_AFTER_S		(24 * 3600)
 
+static void classify(SagaHttpRequest *req);
+
 struct SagaHttp
 {
 	CURLM	   *multi;
 	MemoryContext cxt;
+	dlist_head	created;		/* claimed, not yet submitted */
 	dlist_head	running;
-	dlist_head	completed;
+	dlist_head	completed;		/* finished, outcome not yet recorded */
 };
 
 SagaHttp *
@@ -38,11 +41,16 @@ saga_http_create(void)
 		elog(ERROR, "curl_multi_init failed");
 	/* keep idle connections to every destination for reuse */
 	curl_multi_setopt(http->multi, CURLMOPT_MAXCONNECTS, 1024L);
+	dlist_init(&http->created);
 	dlist_init(&http->running);
 	dlist_init(&http->completed);
 	return http;
 }
 
+/*
+ * A request for a claimed delivery. It waits in "created" until the claim has
+ * committed (saga_http_submit_new) or was rolled back (saga_http_discard_new).
+ */
 SagaHttpRequest *
 saga_http_new_request(SagaHttp *http)
 {
@@ -52,7 +60,18 @@ saga_http_new_request(SagaHttp *http)
 
 	req->cxt = cxt;
 	req->retry_after_s = -1;
+	dlist_push_tail(&http->created, &req->node);
 	return req;
+}
+
+static void
+free_request(SagaHttpRequest *req)
+{
+	if (req->easy)
+		curl_easy_cleanup(req->easy);
+	if (req->headers)
+		curl_slist_free_all(req->headers);
+	MemoryContextDelete(req->cxt);
 }
 
 void
@@ -80,8 +99,8 @@ collect_response(char *data, size_t size, size_t nmemb, void *arg)
 	return len;
 }
 
-void
-saga_http_submit(SagaHttp *http, SagaHttpRequest *req)
+static void
+submit_one(SagaHttp *http, SagaHttpRequest *req)
 {
 	CURL	   *easy = curl_easy_init();
 	MemoryContext old;
@@ -119,6 +138,38 @@ saga_http_submit(SagaHttp *http, SagaHttpRequest *req)
 	if (curl_multi_add_handle(http->multi, easy) != CURLM_OK)
 		elog(ERROR, "curl_multi_add_handle failed");
 	dlist_push_tail(&http->running, &req->node);
+}
+
+/* Start every request whose claim has committed. */
+void
+saga_http_submit_new(SagaHttp *http)
+{
+	dlist_mutable_iter iter;
+
+	dlist_foreach_modify(iter, &http->created)
+	{
+		SagaHttpRequest *req = dlist_container(SagaHttpRequest, node, iter.cur);
+
+		dlist_delete(&req->node);
+		submit_one(http, req);
+	}
+	if (!dlist_is_empty(&http->running))
+		saga_http_perform(http);
+}
+
+/* Forget requests whose claim was rolled back. */
+void
+saga_http_discard_new(SagaHttp *http)
+{
+	dlist_mutable_iter iter;
+
+	dlist_foreach_modify(iter, &http->created)
+	{
+		SagaHttpRequest *req = dlist_container(SagaHttpRequest, node, iter.cur);
+
+		dlist_delete(&req->node);
+		free_request(req);
+	}
 }
 
 int
@@ -242,6 +293,7 @@ saga_http_perform(SagaHttp *http)
 		curl_multi_remove_handle(http->multi, req->easy);
 		curl_easy_cleanup(req->easy);
 		req->easy = NULL;
+		classify(req);
 		dlist_delete(&req->node);
 		dlist_push_tail(&http->completed, &req->node);
 	}
@@ -253,13 +305,33 @@ saga_http_has_completed(SagaHttp *http)
 	return !dlist_is_empty(&http->completed);
 }
 
-SagaHttpRequest *
-saga_http_next_completed(SagaHttp *http)
+/*
+ * The finished requests, left in place: they are released only once their
+ * outcomes are recorded, so a failed recording is tried again.
+ */
+List *
+saga_http_completed(SagaHttp *http)
 {
-	if (dlist_is_empty(&http->completed))
-		return NULL;
-	return dlist_container(SagaHttpRequest, node,
-						   dlist_pop_head_node(&http->completed));
+	dlist_iter	iter;
+	List	   *result = NIL;
+
+	dlist_foreach(iter, &http->completed)
+		result = lappend(result, dlist_container(SagaHttpRequest, node, iter.cur));
+	return result;
+}
+
+void
+saga_http_release(List *requests)
+{
+	ListCell   *lc;
+
+	foreach(lc, requests)
+	{
+		SagaHttpRequest *req = lfirst(lc);
+
+		dlist_delete(&req->node);
+		free_request(req);
+	}
 }
 
 /*
@@ -267,8 +339,8 @@ saga_http_next_completed(SagaHttp *http)
  * delivered; 408, 425, 429, 5xx, time-outs and connection errors are worth
  * another attempt; any other answer is permanent.
  */
-void
-saga_http_classify(SagaHttpRequest *req)
+static void
+classify(SagaHttpRequest *req)
 {
 	long		s = req->status;
 	MemoryContext old = MemoryContextSwitchTo(req->cxt);
@@ -301,14 +373,4 @@ saga_http_classify(SagaHttpRequest *req)
 		}
 	}
 	MemoryContextSwitchTo(old);
-}
-
-void
-saga_http_free_request(SagaHttpRequest *req)
-{
-	if (req->easy)
-		curl_easy_cleanup(req->easy);
-	if (req->headers)
-		curl_slist_free_all(req->headers);
-	MemoryContextDelete(req->cxt);
 }

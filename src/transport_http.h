@@ -7,6 +7,7 @@
 
 #include "lib/ilist.h"
 #include "lib/stringinfo.h"
+#include "nodes/pg_list.h"
 #include "utils/uuid.h"
 
 #include <curl/curl.h>
@@ -46,7 +47,7 @@ typedef struct SagaHttpRequest
 	char		curl_error[CURL_ERROR_SIZE];
 	StringInfoData response;	/* the first bytes of the response body */
 
-	/* the verdict, set by saga_http_classify */
+	/* the verdict, set when the request completes */
 	SagaOutcome outcome;
 	char	   *error;
 } SagaHttpRequest;
@@ -56,15 +57,15 @@ typedef struct SagaHttp SagaHttp;
 extern SagaHttp *saga_http_create(void);
 extern SagaHttpRequest *saga_http_new_request(SagaHttp *http);
 extern void saga_http_add_header(SagaHttpRequest *req, const char *name, const char *value);
-extern void saga_http_submit(SagaHttp *http, SagaHttpRequest *req);
+extern void saga_http_submit_new(SagaHttp *http);
+extern void saga_http_discard_new(SagaHttp *http);
 extern int	saga_http_in_flight(SagaHttp *http, const char *destination);
 extern int	saga_http_total_in_flight(SagaHttp *http);
 extern int	saga_http_wait_fds(SagaHttp *http, pgsocket *fds, uint32 *events, int max);
 extern long saga_http_timeout_ms(SagaHttp *http);
 extern void saga_http_perform(SagaHttp *http);
 extern bool saga_http_has_completed(SagaHttp *http);
-extern SagaHttpRequest *saga_http_next_completed(SagaHttp *http);
-extern void saga_http_classify(SagaHttpRequest *req);
-extern void saga_http_free_request(SagaHttpRequest *req);
+extern List *saga_http_completed(SagaHttp *http);
+extern void saga_http_release(List *requests);
 
 #endif							/* SAGA_TRANSPORT_HTTP_H */

@@ -136,22 +136,20 @@ acquire_worker_lock(void)
 static bool
 run_cycle(SagaHttp *http, bool sweep_retained)
 {
-	List	   *finished = NIL;
-	List	   *claimed = NIL;
+	List	   *finished = saga_http_completed(http);
 	List	   *destinations;
-	SagaHttpRequest *req;
 	SagaRecordCounts counts;
 	ListCell   *lc;
 	bool		more = false;
 
-	while ((req = saga_http_next_completed(http)) != NULL)
+	foreach(lc, finished)
 	{
-		saga_http_classify(req);
+		SagaHttpRequest *req = lfirst(lc);
+
 		if (req->outcome != SAGA_OUTCOME_DELIVERED)
 			ereport(DEBUG1,
 					(errmsg("saga: attempt %d to deliver to destination \"%s\" failed: %s",
 							req->attempt, req->destination, req->error)));
-		finished = lappend(finished, req);
 	}
 
 	begin_work("claiming and recording");
@@ -166,8 +164,7 @@ run_cycle(SagaHttp *http, bool sweep_retained)
 			continue;
 		room = dest->concurrency - saga_http_in_flight(http, dest->name);
 		if (room > 0)
-			claimed = list_concat(claimed,
-								  saga_outbox_claim_http(http, dest, Min(room, saga_batch_size)));
+			saga_outbox_claim_http(http, dest, Min(room, saga_batch_size));
 	}
 	if (sweep_retained)
 		saga_outbox_expire_retained();
@@ -177,12 +174,8 @@ run_cycle(SagaHttp *http, bool sweep_retained)
 	pg_atomic_fetch_add_u64(&my_slot->delivered, counts.delivered);
 	pg_atomic_fetch_add_u64(&my_slot->retried, counts.retried);
 	pg_atomic_fetch_add_u64(&my_slot->dead_lettered, counts.dead);
-	foreach(lc, finished)
-		saga_http_free_request(lfirst(lc));
-	foreach(lc, claimed)
-		saga_http_submit(http, lfirst(lc));
-	if (claimed != NIL)
-		saga_http_perform(http);
+	saga_http_release(finished);
+	saga_http_submit_new(http);
 
 	foreach(lc, destinations)
 	{
@@ -264,9 +257,13 @@ saga_worker_main(Datum arg)
 	int			slotno = DatumGetInt32(arg);
 	Oid			dboid;
 	SagaHttp   *http;
-	TimestampTz next_poll;
-	TimestampTz next_sweep;
-	bool		work = true;
+	static TimestampTz next_poll;
+	static TimestampTz next_sweep;
+	sigjmp_buf	local_sigjmp_buf;
+
+	/* volatile: changed after sigsetjmp and read after a longjmp */
+	volatile bool work = true;
+	volatile int consecutive_errors = 0;
 
 	memcpy(&dboid, MyBgworkerEntry->bgw_extra, sizeof(Oid));
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
@@ -312,6 +309,33 @@ saga_worker_main(Datum arg)
 	next_poll = GetCurrentTimestamp();
 	next_sweep = next_poll;
 
+	/*
+	 * An error in a cycle (a NOTIFY queue that is full, a lock time-out, a
+	 * bug) is logged and the cycle retried after a pause that grows with
+	 * repeated failures, instead of restarting the process. Claims of the
+	 * failed transaction are forgotten; finished requests stay queued for
+	 * recording.
+	 */
+	if (sigsetjmp(local_sigjmp_buf, 1) != 0)
+	{
+		HOLD_INTERRUPTS();
+		EmitErrorReport();
+		AbortOutOfAnyTransaction();
+		saga_http_discard_new(http);
+		FlushErrorState();
+		MemoryContextSwitchTo(TopMemoryContext);
+		RESUME_INTERRUPTS();
+
+		pgstat_report_activity(STATE_IDLE, NULL);
+		consecutive_errors++;
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 Min(30000L, 1000L << Min(consecutive_errors - 1, 5)),
+						 PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		work = true;
+	}
+	PG_exception_stack = &local_sigjmp_buf;
+
 	for (;;)
 	{
 		TimestampTz now;
@@ -335,6 +359,7 @@ saga_worker_main(Datum arg)
 			bool		sweep = now >= next_sweep;
 
 			more = run_cycle(http, sweep);
+			consecutive_errors = 0;
 			if (sweep)
 				next_sweep = TimestampTzPlusMilliseconds(now, RETENTION_SWEEP_MS);
 			if (work)
