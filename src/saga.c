@@ -8,6 +8,7 @@
 #include "miscadmin.h"
 #include "storage/ipc.h"
 #include "commands/dbcommands.h"
+#include "commands/defrem.h"
 #include "tcop/utility.h"
 
 #include <curl/curl.h>
@@ -40,10 +41,26 @@ saga_shmem_startup_hook(void)
 	saga_shmem_startup();
 }
 
+/* The database named by CREATE DATABASE's TEMPLATE option, if any. */
+static Oid
+createdb_template(CreatedbStmt *stmt)
+{
+	ListCell   *lc;
+
+	foreach(lc, stmt->options)
+	{
+		DefElem    *opt = lfirst(lc);
+
+		if (strcmp(opt->defname, "template") == 0 && opt->arg != NULL)
+			return get_database_oid(defGetString(opt), true);
+	}
+	return InvalidOid;
+}
+
 /*
- * Two utility commands need the runtime's help: CREATE EXTENSION saga should
- * get its database a worker at once, and DROP DATABASE must not fail because
- * our worker is connected to the database being dropped.
+ * Some utility commands need the runtime's help: CREATE EXTENSION saga should
+ * get its database a worker at once, and DROP DATABASE or CREATE DATABASE ...
+ * TEMPLATE must not fail because our worker is connected to that database.
  */
 static void
 saga_process_utility(PlannedStmt *pstmt, const char *queryString,
@@ -59,6 +76,13 @@ saga_process_utility(PlannedStmt *pstmt, const char *queryString,
 	else if (IsA(parsetree, DropdbStmt))
 	{
 		Oid			dboid = get_database_oid(((DropdbStmt *) parsetree)->dbname, true);
+
+		if (OidIsValid(dboid))
+			saga_stop_worker_for_database(dboid);
+	}
+	else if (IsA(parsetree, CreatedbStmt))
+	{
+		Oid			dboid = createdb_template((CreatedbStmt *) parsetree);
 
 		if (OidIsValid(dboid))
 			saga_stop_worker_for_database(dboid);
