@@ -56,7 +56,7 @@ CREATE TABLE saga.queue (
         autovacuum_vacuum_threshold = 1000,
         autovacuum_vacuum_insert_scale_factor = 0.01,
         autovacuum_vacuum_cost_delay = 0);
-CREATE INDEX queue_pending ON saga.queue (destination, seq) WHERE status = 'pending';
+CREATE INDEX queue_due ON saga.queue (destination, next_attempt_at, seq) WHERE status = 'pending';
 CREATE INDEX queue_pending_key ON saga.queue (destination, key, seq) WHERE status = 'pending' AND key IS NOT NULL;
 CREATE INDEX queue_retained ON saga.queue (finished_at) WHERE status = 'delivered';
 COMMENT ON TABLE saga.queue IS 'messages not yet delivered, one row per destination (internal; read saga.outbox and saga.dead_letters)';

@@ -148,21 +148,39 @@ saga_outbox_destinations(void)
 }
 
 /*
+ * The due messages a destination may be sent now, oldest due first: a keyed
+ * message only when no earlier message with its key is pending, so it never
+ * overtakes one, even while that one waits for a retry. Rows leased to a
+ * request in flight are not due.
+ */
+#define DUE_HEADS(limit) \
+	"SELECT c.ctid FROM saga.queue c" \
+	" WHERE c.destination = $1 AND c.status = 'pending'" \
+	"   AND c.next_attempt_at <= now()" \
+	"   AND (c.lease_until IS NULL OR c.lease_until < now())" \
+	"   AND (c.key IS NULL OR NOT EXISTS (" \
+	"     SELECT 1 FROM saga.queue e" \
+	"     WHERE e.destination = $1 AND e.key = c.key" \
+	"       AND e.status = 'pending' AND e.seq < c.seq))" \
+	" ORDER BY c.next_attempt_at, c.seq LIMIT " limit
+
+/*
  * Deliver up to limit due messages of one NOTIFY destination in the current
  * transaction: the rows are deleted and the notifications queued together, so
  * they commit (and are sent) together. A message whose envelope is too large
  * for NOTIFY goes out without its payload and is kept, marked delivered, for
  * saga.message() to read until saga.message_retention passes.
  *
- * A keyed message waits while an earlier one with its key is not yet due;
- * messages due together go out in publish order.
+ * The statement repeats while it finds work: once it has deleted the first
+ * message of a key, the next one of that key becomes due in the same
+ * transaction, so a burst on one key still goes out in one commit, in order.
  */
 int
 saga_outbox_dispatch_notify(SagaDestination *dest, int limit)
 {
 	static SPIPlanPtr plan = NULL;
 	Datum		args[2];
-	int			rc;
+	int			sent = 0;
 
 	if (plan == NULL)
 	{
@@ -171,15 +189,7 @@ saga_outbox_dispatch_notify(SagaDestination *dest, int limit)
 		plan = prepare_kept(
 							"WITH gone AS ("
 							"  DELETE FROM saga.queue q"
-							"  WHERE q.ctid = ANY (ARRAY("
-							"    SELECT c.ctid FROM saga.queue c"
-							"    WHERE c.destination = $1 AND c.status = 'pending'"
-							"      AND c.next_attempt_at <= now()"
-							"      AND (c.key IS NULL OR NOT EXISTS ("
-							"        SELECT 1 FROM saga.queue e"
-							"        WHERE e.destination = $1 AND e.key = c.key AND e.status = 'pending'"
-							"          AND e.seq < c.seq AND e.next_attempt_at > now()))"
-							"    ORDER BY c.seq LIMIT $2))"
+							"  WHERE q.ctid = ANY (ARRAY(" DUE_HEADS("$2") "))"
 							"    AND q.status = 'pending'"
 							"  RETURNING q.*),"
 							" env AS ("
@@ -199,18 +209,27 @@ saga_outbox_dispatch_notify(SagaDestination *dest, int limit)
 							2, types);
 	}
 	args[0] = CStringGetTextDatum(dest->name);
-	args[1] = Int32GetDatum(limit);
-	rc = SPI_execute_plan(plan, args, NULL, false, 0);
-	if (rc != SPI_OK_SELECT)
-		elog(ERROR, "saga: NOTIFY dispatch failed: %s", SPI_result_code_string(rc));
-
-	for (uint64 i = 0; i < SPI_processed; i++)
+	while (sent < limit)
 	{
-		char	   *envelope = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1);
+		int			rc;
 
-		Async_Notify(dest->target, envelope);
+		args[1] = Int32GetDatum(limit - sent);
+		rc = SPI_execute_plan(plan, args, NULL, false, 0);
+		if (rc != SPI_OK_SELECT)
+			elog(ERROR, "saga: NOTIFY dispatch failed: %s", SPI_result_code_string(rc));
+		if (SPI_processed == 0)
+			break;
+		for (uint64 i = 0; i < SPI_processed; i++)
+		{
+			char	   *envelope = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1);
+
+			Async_Notify(dest->target, envelope);
+			pfree(envelope);
+		}
+		sent += (int) SPI_processed;
+		SPI_freetuptable(SPI_tuptable);
 	}
-	return (int) SPI_processed;
+	return sent;
 }
 
 /*
@@ -232,9 +251,7 @@ saga_backoff_ms(int attempt, int backoff_ms, int max_backoff_ms)
 /*
  * Claim up to limit due messages of an HTTP destination: a lease (attempts
  * incremented, lease_until set) that outlives the request, so a crash leaves
- * nothing stuck. Only the oldest pending message of each key is claimed, so
- * a keyed message never overtakes an earlier one, even while that one is
- * retrying. The requests wait in http until the claim commits.
+ * nothing stuck. The requests wait in http until the claim commits.
  */
 int
 saga_outbox_claim_http(SagaHttp *http, SagaDestination *dest, int limit)
@@ -251,16 +268,7 @@ saga_outbox_claim_http(SagaHttp *http, SagaDestination *dest, int limit)
 							"UPDATE saga.queue q"
 							" SET lease_until = now() + $3 * interval '1 millisecond',"
 							"     attempts = q.attempts + 1"
-							" WHERE q.ctid = ANY (ARRAY("
-							"   SELECT c.ctid FROM saga.queue c"
-							"   WHERE c.destination = $1 AND c.status = 'pending'"
-							"     AND c.next_attempt_at <= now()"
-							"     AND (c.lease_until IS NULL OR c.lease_until < now())"
-							"     AND (c.key IS NULL OR NOT EXISTS ("
-							"       SELECT 1 FROM saga.queue e"
-							"       WHERE e.destination = $1 AND e.key = c.key"
-							"         AND e.status = 'pending' AND e.seq < c.seq))"
-							"   ORDER BY c.seq LIMIT $2))"
+							" WHERE q.ctid = ANY (ARRAY(" DUE_HEADS("$2") "))"
 							"   AND q.status = 'pending'"
 							" RETURNING q.message_id, q.attempts, q.topic, q.payload::text,"
 							"   ARRAY(SELECT h.key || ': ' || h.value FROM jsonb_each_text(q.headers) h)",
