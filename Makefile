@@ -18,7 +18,7 @@ DATA = $(wildcard sql/saga--*.sql)
 PG_CPPFLAGS = -I$(srcdir)/src
 SHLIB_LINK = -lcurl
 
-REGRESS = setup
+REGRESS = setup destinations subscriptions publish dead_letters monitoring
 REGRESS_OPTS = --temp-config=$(srcdir)/test/saga.conf --temp-instance=tmp_check_regress --load-extension=saga
 
 TAP_TESTS = 1

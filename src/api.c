@@ -24,6 +24,7 @@
 #include "miscadmin.h"
 #include "utils/builtins.h"
 #include "utils/fmgroids.h"
+#include "utils/guc.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
@@ -54,7 +55,19 @@ PG_FUNCTION_INFO_V1(saga_worker_status);
 static bool xact_callback_registered = false;
 static bool wake_worker_pending = false;
 static bool wake_launcher_pending = false;
-static int	published_pending = 0;
+
+/* messages published, per transaction nesting level, not yet committed */
+static int *published_at_level = NULL;
+static int	published_levels = 0;
+
+static void
+reset_pending(void)
+{
+	wake_worker_pending = false;
+	wake_launcher_pending = false;
+	if (published_at_level)
+		memset(published_at_level, 0, sizeof(int) * published_levels);
+}
 
 static void
 saga_xact_callback(XactEvent event, void *arg)
@@ -67,21 +80,37 @@ saga_xact_callback(XactEvent event, void *arg)
 			if (wake_worker_pending)
 			{
 				SagaWorkerSlot *slot = saga_slot_for_database(MyDatabaseId);
+				int			published = 0;
 
-				if (slot != NULL && published_pending > 0)
-					pg_atomic_fetch_add_u64(&slot->published, published_pending);
+				for (int i = 0; i < published_levels; i++)
+					published += published_at_level[i];
+				if (slot != NULL && published > 0)
+					pg_atomic_fetch_add_u64(&slot->published, published);
 				saga_wake_worker(MyDatabaseId);
 			}
-			/* FALLTHROUGH */
+			reset_pending();
+			break;
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PREPARE:
-			wake_worker_pending = false;
-			wake_launcher_pending = false;
-			published_pending = 0;
+			reset_pending();
 			break;
 		default:
 			break;
 	}
+}
+
+/* Publishes in a rolled-back savepoint are not counted. */
+static void
+saga_subxact_callback(SubXactEvent event, SubTransactionId sub, SubTransactionId parent, void *arg)
+{
+	int			level = GetCurrentTransactionNestLevel();
+
+	if (level <= 0 || level >= published_levels)
+		return;
+	if (event == SUBXACT_EVENT_COMMIT_SUB)
+		published_at_level[level - 1] += published_at_level[level];
+	if (event == SUBXACT_EVENT_COMMIT_SUB || event == SUBXACT_EVENT_ABORT_SUB)
+		published_at_level[level] = 0;
 }
 
 static void
@@ -90,6 +119,7 @@ register_callback(void)
 	if (!xact_callback_registered)
 	{
 		RegisterXactCallback(saga_xact_callback, NULL);
+		RegisterSubXactCallback(saga_subxact_callback, NULL);
 		xact_callback_registered = true;
 	}
 }
@@ -101,9 +131,26 @@ register_callback(void)
 void
 saga_wake_at_commit(int published)
 {
+	int			level = GetCurrentTransactionNestLevel();
+
 	register_callback();
 	wake_worker_pending = true;
-	published_pending += published;
+	if (published == 0)
+		return;
+	if (level >= published_levels)
+	{
+		int			n = Max(level + 1, 2 * published_levels);
+
+		if (published_at_level == NULL)
+			published_at_level = MemoryContextAllocZero(TopMemoryContext, sizeof(int) * n);
+		else
+		{
+			published_at_level = repalloc(published_at_level, sizeof(int) * n);
+			memset(published_at_level + published_levels, 0, sizeof(int) * (n - published_levels));
+		}
+		published_levels = n;
+	}
+	published_at_level[level] += published;
 }
 
 void
@@ -143,17 +190,23 @@ typedef struct OwnerContext
 {
 	Oid			saved_user;
 	int			saved_sec;
+	int			guc_level;
 } OwnerContext;
 
 /*
- * Become the extension's owner and connect SPI. Errors need no cleanup: the
- * (sub)transaction abort restores the user and closes SPI.
+ * Become the extension's owner, with a search_path the caller cannot
+ * influence, and connect SPI. Errors need no cleanup: the (sub)transaction
+ * abort restores the user, the settings and SPI.
  */
 static void
 begin_as_owner(OwnerContext *oc)
 {
 	Oid			owner = extension_owner();
 
+	oc->guc_level = NewGUCNestLevel();
+	(void) set_config_option("search_path", "pg_catalog, pg_temp",
+							 PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
 	GetUserIdAndSecContext(&oc->saved_user, &oc->saved_sec);
 	SetUserIdAndSecContext(owner, oc->saved_sec | SECURITY_LOCAL_USERID_CHANGE |
 						   SECURITY_RESTRICTED_OPERATION);
@@ -166,6 +219,7 @@ end_as_owner(OwnerContext *oc)
 {
 	SPI_finish();
 	SetUserIdAndSecContext(oc->saved_user, oc->saved_sec);
+	AtEOXact_GUC(true, oc->guc_level);
 }
 
 static int
@@ -309,6 +363,10 @@ check_headers(Jsonb *headers, const char *where)
 				ereport(ERROR,
 						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 						 errmsg("header \"%s\" in %s must have a string value", name, where)));
+			if (v.val.string.len == 0)
+				ereport(ERROR,
+						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+						 errmsg("header \"%s\" in %s has an empty value", name, where)));
 			for (int i = 0; i < v.val.string.len; i++)
 				if (v.val.string.val[i] == '\r' || v.val.string.val[i] == '\n' ||
 					v.val.string.val[i] == '\0')
@@ -335,7 +393,7 @@ static char *
 jsonb_value_text(JsonbValue *v)
 {
 	if (v->type == jbvString)
-		return pnstrdup(v->val.string.val, v->val.string.len);
+		return psprintf("the string \"%s\"", pnstrdup(v->val.string.val, v->val.string.len));
 	if (v->type == jbvNumeric)
 		return DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(v->val.numeric)));
 	return pstrdup(v->type == jbvBool ? "boolean" : v->type == jbvNull ? "null" : "a container");
@@ -443,7 +501,7 @@ parse_destination_options(const char *dest, Jsonb *options, bool http, Destinati
 			if (!http)
 				ereport(ERROR,
 						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-						 errmsg("option \"headers\" applies only to HTTP destinations")));
+						 errmsg("option \"headers\" of destination \"%s\" applies only to HTTP destinations", dest)));
 			if (v.type != jbvBinary)
 				ereport(ERROR,
 						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
@@ -471,6 +529,24 @@ parse_destination_options(const char *dest, Jsonb *options, bool http, Destinati
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("option \"backoff\" of destination \"%s\" is longer than \"max_backoff\"", dest)));
+}
+
+/*
+ * libcurl reads "http:/x" and "http:///x" as host "x", and "http://h:/" as
+ * port 80: a destination must spell out its host, and its port if it has a
+ * colon.
+ */
+static bool
+url_has_authority(const char *url)
+{
+	const char *p = strstr(url, "://");
+	size_t		n;
+
+	if (p == NULL)
+		return false;
+	p += 3;
+	n = strcspn(p, "/?#");
+	return n > 0 && p[n - 1] != ':' && p[n - 1] != '@';
 }
 
 /* Check an http(s) URL with libcurl's own parser. */
@@ -507,7 +583,8 @@ check_http_url(const char *url)
 				 errmsg("postgresql:// destinations are not supported yet"),
 				 errhint("Use an http://, https:// or notify: destination.")));
 	}
-	if (!ok || (strcmp(scheme, "http") != 0 && strcmp(scheme, "https") != 0))
+	if (!ok || (strcmp(scheme, "http") != 0 && strcmp(scheme, "https") != 0) ||
+		!url_has_authority(url))
 	{
 		curl_free(scheme);
 		curl_free(host);
@@ -632,7 +709,9 @@ saga_drop_destination(PG_FUNCTION_ARGS)
 	if (pending > 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_IN_USE),
-				 errmsg("destination \"%s\" still has " INT64_FORMAT " undelivered messages", name, pending),
+				 errmsg_plural("destination \"%s\" still has " INT64_FORMAT " undelivered message",
+							   "destination \"%s\" still has " INT64_FORMAT " undelivered messages",
+							   pending, name, pending),
 				 errhint("Unsubscribe its topics and wait until saga.outbox shows nothing for it.")));
 	run_sql("DELETE FROM saga.subscriptions WHERE destination = $1", 1, types, values, NULL, false);
 	run_sql("DELETE FROM saga.destinations WHERE name = $1", 1, types, values, NULL, false);

@@ -17,6 +17,7 @@
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/lsyscache.h"
+#include "utils/timestamp.h"
 #include "utils/uuid.h"
 
 #include "outbox.h"
@@ -248,6 +249,23 @@ saga_backoff_ms(int attempt, int backoff_ms, int max_backoff_ms)
 	return (int) (delay / 2 + pg_prng_double(&pg_global_prng_state) * delay / 2);
 }
 
+/* Does a "Name: value" line in lines have the same name as line? */
+static bool
+header_listed(List *lines, const char *line)
+{
+	size_t		len = strcspn(line, ":");
+	ListCell   *lc;
+
+	foreach(lc, lines)
+	{
+		const char *other = lfirst(lc);
+
+		if (strcspn(other, ":") == len && pg_strncasecmp(other, line, len) == 0)
+			return true;
+	}
+	return false;
+}
+
 /*
  * Claim up to limit due messages of an HTTP destination: a lease (attempts
  * incremented, lease_until set) that outlives the request, so a crash leaves
@@ -309,7 +327,11 @@ saga_outbox_claim_http(SagaHttp *http, SagaDestination *dest, int limit)
 		foreach(lc, dest->header_lines)
 			req->headers = curl_slist_append(req->headers, (char *) lfirst(lc));
 		foreach(lc, get_text_list(tup, desc, 5))
-			req->headers = curl_slist_append(req->headers, (char *) lfirst(lc));
+		{
+			/* the administrator's headers (credentials) win over a publisher's */
+			if (!header_listed(dest->header_lines, (char *) lfirst(lc)))
+				req->headers = curl_slist_append(req->headers, (char *) lfirst(lc));
+		}
 		MemoryContextSwitchTo(old);
 	}
 	return (int) SPI_processed;
@@ -445,6 +467,36 @@ saga_outbox_record_http(List *requests)
 	if (rc != SPI_OK_SELECT)
 		elog(ERROR, "saga: could not record HTTP outcomes: %s", SPI_result_code_string(rc));
 	return counts;
+}
+
+/*
+ * When the next message of a destination falls due (a retry, a deliver_at),
+ * or 0 if none is waiting: the worker sleeps until then, not a whole poll
+ * interval.
+ */
+TimestampTz
+saga_outbox_next_due(SagaDestination *dest)
+{
+	static SPIPlanPtr plan = NULL;
+	Datum		args[1];
+	bool		isnull;
+	Datum		d;
+	int			rc;
+
+	if (plan == NULL)
+	{
+		Oid			types[1] = {TEXTOID};
+
+		plan = prepare_kept("SELECT min(next_attempt_at) FROM saga.queue"
+							" WHERE destination = $1 AND status = 'pending' AND next_attempt_at > now()",
+							1, types);
+	}
+	args[0] = CStringGetTextDatum(dest->name);
+	rc = SPI_execute_plan(plan, args, NULL, true, 1);
+	if (rc != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "saga: could not read the next due time: %s", SPI_result_code_string(rc));
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	return isnull ? 0 : DatumGetTimestampTz(d);
 }
 
 /* Drop messages kept for saga.message() once their retention has passed. */

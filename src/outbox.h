@@ -5,6 +5,7 @@
 #ifndef SAGA_OUTBOX_H
 #define SAGA_OUTBOX_H
 
+#include "datatype/timestamp.h"
 #include "nodes/pg_list.h"
 
 #include "transport_http.h"
@@ -42,6 +43,7 @@ extern List *saga_outbox_destinations(void);
 extern int	saga_outbox_dispatch_notify(SagaDestination *dest, int limit);
 extern int	saga_outbox_claim_http(SagaHttp *http, SagaDestination *dest, int limit);
 extern SagaRecordCounts saga_outbox_record_http(List *requests);
+extern TimestampTz saga_outbox_next_due(SagaDestination *dest);
 extern int	saga_outbox_expire_retained(void);
 extern int	saga_backoff_ms(int attempt, int backoff_ms, int max_backoff_ms);
 

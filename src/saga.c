@@ -59,8 +59,9 @@ createdb_template(CreatedbStmt *stmt)
 
 /*
  * Some utility commands need the runtime's help: CREATE EXTENSION saga should
- * get its database a worker at once, and DROP DATABASE or CREATE DATABASE ...
- * TEMPLATE must not fail because our worker is connected to that database.
+ * get its database a worker at once, COMMIT PREPARED may have published, and
+ * DROP DATABASE or CREATE DATABASE ... TEMPLATE must not fail because our
+ * worker is connected to that database.
  */
 static void
 saga_process_utility(PlannedStmt *pstmt, const char *queryString,
@@ -73,6 +74,9 @@ saga_process_utility(PlannedStmt *pstmt, const char *queryString,
 	if (IsA(parsetree, CreateExtensionStmt) &&
 		strcmp(((CreateExtensionStmt *) parsetree)->extname, "saga") == 0)
 		saga_wake_launcher_at_commit();
+	else if (IsA(parsetree, TransactionStmt) &&
+			 ((TransactionStmt *) parsetree)->kind == TRANS_STMT_COMMIT_PREPARED)
+		saga_wake_at_commit(0);	/* it may have published */
 	else if (IsA(parsetree, DropdbStmt))
 	{
 		Oid			dboid = get_database_oid(((DropdbStmt *) parsetree)->dbname, true);

@@ -131,10 +131,11 @@ acquire_worker_lock(void)
 /*
  * One cycle: record finished HTTP requests, claim more for every HTTP
  * destination with room, then drain due NOTIFY messages. Returns true when
- * work was left behind (a full NOTIFY batch), so the caller does not sleep.
+ * work was left behind (a full NOTIFY batch), so the caller does not sleep;
+ * *next_due is set to when the next waiting message falls due (0: none).
  */
 static bool
-run_cycle(SagaHttp *http, bool sweep_retained)
+run_cycle(SagaHttp *http, bool sweep_retained, TimestampTz *next_due)
 {
 	List	   *finished = saga_http_completed(http);
 	List	   *destinations;
@@ -165,6 +166,14 @@ run_cycle(SagaHttp *http, bool sweep_retained)
 		room = dest->concurrency - saga_http_in_flight(http, dest->name);
 		if (room > 0)
 			saga_outbox_claim_http(http, dest, Min(room, saga_batch_size));
+	}
+	*next_due = 0;
+	foreach(lc, destinations)
+	{
+		TimestampTz due = saga_outbox_next_due(lfirst(lc));
+
+		if (due != 0 && (*next_due == 0 || due < *next_due))
+			*next_due = due;
 	}
 	if (sweep_retained)
 		saga_outbox_expire_retained();
@@ -357,13 +366,17 @@ saga_worker_main(Datum arg)
 		if (work || saga_http_has_completed(http))
 		{
 			bool		sweep = now >= next_sweep;
+			TimestampTz next_due;
 
-			more = run_cycle(http, sweep);
+			more = run_cycle(http, sweep, &next_due);
 			consecutive_errors = 0;
 			if (sweep)
 				next_sweep = TimestampTzPlusMilliseconds(now, RETENTION_SWEEP_MS);
 			if (work)
 				next_poll = TimestampTzPlusMilliseconds(now, saga_poll_interval_ms);
+			/* wake up for the next retry or deliver_at, not a poll later */
+			if (next_due != 0 && next_due < next_poll)
+				next_poll = next_due;
 		}
 
 		timeout = more ? 0 : Max(0, TimestampDifferenceMilliseconds(GetCurrentTimestamp(), next_poll));

@@ -1,0 +1,139 @@
+# Nothing is lost when the worker is killed with SIGKILL in the middle of
+# delivering 10,000 HTTP messages (twice): after the crash restart the outbox
+# drains, every committed message id reached the receiver at least once,
+# nothing from a rolled-back transaction did, and nothing was dead-lettered.
+use strict;
+use warnings;
+use FindBin;
+use lib "$FindBin::Bin/..";
+use PostgreSQL::Test::Utils;
+use Test::More;
+use Time::HiRes qw(usleep);
+use SagaTest;
+
+my $node = saga_node('crash_worker', conf => "restart_after_crash = on\n");
+my ($port, $log, $rpid) = start_receiver();
+wait_for_worker($node);
+
+$node->safe_psql('postgres', qq{
+	SELECT saga.create_destination('hook', 'http://127.0.0.1:$port/ok');
+	SELECT saga.subscribe('crash.*', 'hook');
+	CREATE TABLE committed_ids (id uuid PRIMARY KEY);
+});
+
+# 10,000 committed messages in five transactions, with three rolled-back
+# transactions in between; the ids of the rolled-back ones are kept aside.
+my @rolled_back;
+for my $t (1 .. 5)
+{
+	$node->safe_psql('postgres', qq{
+		INSERT INTO committed_ids
+		SELECT saga.publish('crash.worker', jsonb_build_object('t', $t, 'n', g))
+		FROM generate_series(1, 2000) g;
+	});
+	next if $t > 3;
+	push @rolled_back, split /\n/, $node->safe_psql('postgres', qq{
+		BEGIN;
+		SELECT saga.publish('crash.worker', jsonb_build_object('rolled_back', $t, 'n', g))
+		FROM generate_series(1, 300) g;
+		ROLLBACK;
+	});
+}
+is(scalar(@rolled_back), 900, 'rolled-back publishes returned their ids');
+is($node->safe_psql('postgres', 'SELECT count(*) FROM committed_ids'), '10000',
+	'10,000 messages committed');
+
+# Kill the worker twice while deliveries are under way.
+my $reader = { offset => 0, lines => 0 };
+my @killed;
+for my $round (1 .. 2)
+{
+	my $pid = worker_pid($node);
+	ok($pid, "round $round: a saga worker runs (pid $pid)");
+	my $target = receiver_lines($log, $reader) + 2500;
+	my $moving = wait_for_lines($log, $reader, $target);
+	my $pending = $node->safe_psql('postgres',
+		q{SELECT count(*) FROM saga.queue WHERE status = 'pending'});
+	ok($moving && $pending > 0,
+		"round $round: the kill comes while deliveries are running ($pending pending, "
+		  . $reader->{lines} . ' requests so far)');
+	kill 'KILL', $pid or die "could not kill $pid: $!";
+	push @killed, $pid;
+	ok($node->poll_query_until('postgres',
+			"SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'saga worker' AND pid <> $pid"),
+		"round $round: a new worker runs after the crash restart");
+}
+
+ok($node->poll_query_until('postgres', 'SELECT count(*) = 0 FROM saga.queue'),
+	'the outbox drains after the crashes');
+is($node->safe_psql('postgres', 'SELECT count(*) FROM saga.dead_letters'), '0',
+	'no dead letters');
+
+my %committed = map { $_ => 1 } split /\n/,
+  $node->safe_psql('postgres', 'SELECT id FROM committed_ids');
+my %arrived;
+$arrived{ $_->{headers}{'Idempotency-Key'} }++ for receiver_requests($log);
+
+my @missing = grep { !$arrived{$_} } keys %committed;
+is(scalar(@missing), 0, 'every committed message arrived at least once')
+  or diag('missing, for example: ' . join(', ', @missing[ 0 .. ($#missing < 4 ? $#missing : 4) ]));
+my @foreign = grep { !$committed{$_} } keys %arrived;
+is(scalar(@foreign), 0, 'nothing arrived that was not committed');
+is(scalar(grep { $arrived{$_} } @rolled_back), 0,
+	'no id from a rolled-back transaction arrived');
+my $dups = grep { $arrived{$_} > 1 } keys %arrived;
+my $extra = 0;
+$extra += $arrived{$_} - 1 for keys %arrived;
+note("duplicates after two worker crashes: $dups ids delivered more than once, $extra extra requests");
+
+# I8: the only crashes in the log are the ones this test caused
+my $logtext = slurp_file($node->logfile);
+like($logtext, qr/saga worker.*\(PID $_\) was terminated by signal 9/, "log shows the kill of $_")
+  for @killed;
+my @unexpected = grep { my $l = $_; !grep { $l =~ /\(PID $_\)/ } @killed }
+  grep { /terminated by signal/ } split /\n/, $logtext;
+is_deeply(\@unexpected, [], 'no other process was terminated by a signal');
+
+kill 'TERM', $rpid;
+$node->stop;
+done_testing();
+
+# The pid of the database's saga worker, from pg_stat_activity.
+sub worker_pid
+{
+	my ($node) = @_;
+	$node->poll_query_until('postgres',
+		"SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'saga worker' AND datname = 'postgres'")
+	  or return 0;
+	return $node->safe_psql('postgres',
+		"SELECT pid FROM pg_stat_activity WHERE backend_type = 'saga worker' AND datname = 'postgres'");
+}
+
+# Number of requests the receiver has logged, read incrementally.
+sub receiver_lines
+{
+	my ($log, $r) = @_;
+	return $r->{lines} unless -e $log;
+	open(my $fh, '<', $log) or die $!;
+	seek($fh, $r->{offset}, 0);
+	while (my $line = <$fh>)
+	{
+		last unless $line =~ /\n$/;
+		$r->{offset} += length($line);
+		$r->{lines}++;
+	}
+	close $fh;
+	return $r->{lines};
+}
+
+# Wait until the receiver has logged $target requests; false on time-out.
+sub wait_for_lines
+{
+	my ($log, $r, $target) = @_;
+	for (1 .. 50 * $PostgreSQL::Test::Utils::timeout_default)
+	{
+		return 1 if receiver_lines($log, $r) >= $target;
+		usleep(20_000);
+	}
+	return 0;
+}

@@ -1,0 +1,124 @@
+# Nothing is lost when the server is stopped with "pg_ctl stop -m immediate"
+# while HTTP deliveries are running: after it is started again the outbox
+# drains, every committed message id reached the receiver at least once,
+# nothing from a rolled-back transaction did, and nothing was dead-lettered.
+use strict;
+use warnings;
+use FindBin;
+use lib "$FindBin::Bin/..";
+use PostgreSQL::Test::Utils;
+use Test::More;
+use Time::HiRes qw(usleep);
+use SagaTest;
+
+my $node = saga_node('crash_immediate');
+my ($port, $log, $rpid) = start_receiver();
+wait_for_worker($node);
+
+$node->safe_psql('postgres', qq{
+	SELECT saga.create_destination('hook', 'http://127.0.0.1:$port/ok');
+	SELECT saga.subscribe('crash.*', 'hook');
+	CREATE TABLE committed_ids (id uuid PRIMARY KEY);
+});
+
+# 4,000 committed messages in four transactions, with two rolled-back
+# transactions in between whose ids are kept aside.
+my @rolled_back;
+for my $t (1 .. 4)
+{
+	$node->safe_psql('postgres', qq{
+		INSERT INTO committed_ids
+		SELECT saga.publish('crash.immediate', jsonb_build_object('t', $t, 'n', g))
+		FROM generate_series(1, 1000) g;
+	});
+	next if $t > 2;
+	push @rolled_back, split /\n/, $node->safe_psql('postgres', qq{
+		BEGIN;
+		SELECT saga.publish('crash.immediate', jsonb_build_object('rolled_back', $t, 'n', g))
+		FROM generate_series(1, 300) g;
+		ROLLBACK;
+	});
+}
+is(scalar(@rolled_back), 600, 'rolled-back publishes returned their ids');
+
+my $reader = { offset => 0, lines => 0 };
+my $worker = $node->safe_psql('postgres',
+	"SELECT pid FROM pg_stat_activity WHERE backend_type = 'saga worker'");
+ok($worker, "a saga worker runs (pid $worker)");
+my $moving = wait_for_lines($log, $reader, receiver_lines($log, $reader) + 800);
+my $pending = $node->safe_psql('postgres',
+	q{SELECT count(*) FROM saga.queue WHERE status = 'pending'});
+ok($moving && $pending > 0,
+	"the stop comes while deliveries are running ($pending pending, $reader->{lines} requests so far)");
+
+$node->stop('immediate');
+$node->start;
+
+ok($node->poll_query_until('postgres',
+		"SELECT count(*) = 1 FROM pg_stat_activity WHERE backend_type = 'saga worker' AND pid <> $worker"),
+	'a new worker runs after the restart');
+ok($node->poll_query_until('postgres', 'SELECT count(*) = 0 FROM saga.queue'),
+	'the outbox drains after the restart');
+is($node->safe_psql('postgres', 'SELECT count(*) FROM saga.dead_letters'), '0',
+	'no dead letters');
+
+check_nothing_lost($node, $log, \@rolled_back, 4000, 'immediate stop');
+
+my @unexpected = grep { /terminated by signal/ } split /\n/, slurp_file($node->logfile);
+is_deeply(\@unexpected, [], 'no process was reported terminated by a signal');
+
+kill 'TERM', $rpid;
+$node->stop;
+done_testing();
+
+# I3/I4: receiver keys cover the committed ids, and nothing else arrived.
+sub check_nothing_lost
+{
+	my ($node, $log, $rolled_back, $expected, $what) = @_;
+	my %committed = map { $_ => 1 } split /\n/,
+	  $node->safe_psql('postgres', 'SELECT id FROM committed_ids');
+	is(scalar(keys %committed), $expected, "$expected messages committed");
+	my %arrived;
+	$arrived{ $_->{headers}{'Idempotency-Key'} }++ for receiver_requests($log);
+
+	my @missing = grep { !$arrived{$_} } keys %committed;
+	is(scalar(@missing), 0, 'every committed message arrived at least once')
+	  or diag('missing, for example: ' . join(', ', @missing[ 0 .. ($#missing < 4 ? $#missing : 4) ]));
+	my @foreign = grep { !$committed{$_} } keys %arrived;
+	is(scalar(@foreign), 0, 'nothing arrived that was not committed');
+	is(scalar(grep { $arrived{$_} } @$rolled_back), 0,
+		'no id from a rolled-back transaction arrived');
+	my $dups = grep { $arrived{$_} > 1 } keys %arrived;
+	my $extra = 0;
+	$extra += $arrived{$_} - 1 for keys %arrived;
+	note("duplicates after $what: $dups ids delivered more than once, $extra extra requests");
+}
+
+# Number of requests the receiver has logged, read incrementally.
+sub receiver_lines
+{
+	my ($log, $r) = @_;
+	return $r->{lines} unless -e $log;
+	open(my $fh, '<', $log) or die $!;
+	seek($fh, $r->{offset}, 0);
+	while (my $line = <$fh>)
+	{
+		last unless $line =~ /\n$/;
+		$r->{offset} += length($line);
+		$r->{lines}++;
+	}
+	close $fh;
+	return $r->{lines};
+}
+
+# Wait until the receiver has logged $target requests; false on time-out.
+sub wait_for_lines
+{
+	my ($log, $r, $target) = @_;
+	for (1 .. 50 * $PostgreSQL::Test::Utils::timeout_default)
+	{
+		return 1 if receiver_lines($log, $r) >= $target;
+		usleep(20_000);
+	}
+	return 0;
+}
