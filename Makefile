@@ -27,3 +27,6 @@ PROVE_TESTS = test/t/*.pl
 PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
+
+# PGXS tracks no header dependencies: rebuild everything when one changes
+$(OBJS): $(wildcard $(srcdir)/src/*.h)

@@ -15,6 +15,7 @@
 #include "executor/spi.h"
 #include "mb/pg_wchar.h"
 #include "utils/array.h"
+#include "storage/itemptr.h"
 #include "utils/builtins.h"
 #include "utils/lsyscache.h"
 #include "utils/timestamp.h"
@@ -289,7 +290,8 @@ saga_outbox_claim_http(SagaHttp *http, SagaDestination *dest, int limit)
 							" WHERE q.ctid = ANY (ARRAY(" DUE_HEADS("$2") "))"
 							"   AND q.status = 'pending'"
 							" RETURNING q.message_id, q.attempts, q.topic, q.payload::text,"
-							"   ARRAY(SELECT h.key || ': ' || h.value FROM jsonb_each_text(q.headers) h)",
+							"   ARRAY(SELECT h.key || ': ' || h.value FROM jsonb_each_text(q.headers) h),"
+							"   q.ctid",
 							3, types);
 	}
 	args[0] = CStringGetTextDatum(dest->name);
@@ -312,6 +314,7 @@ saga_outbox_claim_http(SagaHttp *http, SagaDestination *dest, int limit)
 		memcpy(&req->message_id,
 			   DatumGetUUIDP(SPI_getbinval(tup, desc, 1, &isnull)), sizeof(pg_uuid_t));
 		req->attempt = get_int4(tup, desc, 2);
+		ItemPointerCopy((ItemPointer) DatumGetPointer(SPI_getbinval(tup, desc, 6, &isnull)), &req->tid);
 		req->destination = pstrdup(dest->name);
 		req->url = pstrdup(dest->target);
 		req->body = get_text(tup, desc, 4);
@@ -357,9 +360,10 @@ valid_text(const char *s)
 }
 
 /*
- * Record the outcomes of finished HTTP requests in one statement. Each row is
- * matched on (message, destination, attempts): a claim that was lost (lease
- * expired and claimed again) no longer matches, and is left alone.
+ * Record the outcomes of finished HTTP requests in one statement. Rows are
+ * found by the tuple id the claim returned, and must still carry the claimed
+ * message and attempt: a claim that was lost (lease expired and claimed
+ * again, row moved) no longer matches and is left alone, to be retried.
  */
 SagaRecordCounts
 saga_outbox_record_http(List *requests)
@@ -367,8 +371,8 @@ saga_outbox_record_http(List *requests)
 	static SPIPlanPtr plan = NULL;
 	SagaRecordCounts counts = {0, 0, 0};
 	int			n = list_length(requests);
-	Datum	   *ids,
-			   *dests,
+	Datum	   *tids,
+			   *ids,
 			   *attempts,
 			   *outcomes,
 			   *delays,
@@ -387,17 +391,17 @@ saga_outbox_record_http(List *requests)
 		return counts;
 	if (plan == NULL)
 	{
-		Oid			types[7] = {UUIDARRAYOID, TEXTARRAYOID, INT4ARRAYOID, INT4ARRAYOID,
+		Oid			types[7] = {TIDARRAYOID, UUIDARRAYOID, INT4ARRAYOID, INT4ARRAYOID,
 		FLOAT8ARRAYOID, TEXTARRAYOID, INT4ARRAYOID};
 
 		plan = prepare_kept(
 							"WITH u AS ("
 							"  SELECT * FROM unnest($1, $2, $3, $4, $5, $6, $7)"
-							"    AS u(message_id, destination, attempts, outcome, delay, error, http_status)),"
+							"    AS u(tid, message_id, attempts, outcome, delay, error, http_status)),"
 							" delivered AS ("
 							"  DELETE FROM saga.queue q USING u"
-							"  WHERE u.outcome = 0 AND q.message_id = u.message_id"
-							"    AND q.destination = u.destination AND q.attempts = u.attempts"
+							"  WHERE q.ctid = ANY ($1) AND q.ctid = u.tid AND u.outcome = 0"
+							"    AND q.message_id = u.message_id AND q.attempts = u.attempts"
 							"    AND q.status = 'pending'"
 							"  RETURNING 1),"
 							" failed AS ("
@@ -407,16 +411,17 @@ saga_outbox_record_http(List *requests)
 							"      ELSE now() + u.delay * interval '1 second' END,"
 							"    finished_at = CASE WHEN u.outcome = 2 THEN now() END,"
 							"    last_error = u.error, last_status = u.http_status"
-							"  FROM u WHERE u.outcome <> 0 AND q.message_id = u.message_id"
-							"    AND q.destination = u.destination AND q.attempts = u.attempts"
+							"  FROM u"
+							"  WHERE q.ctid = ANY ($1) AND q.ctid = u.tid AND u.outcome <> 0"
+							"    AND q.message_id = u.message_id AND q.attempts = u.attempts"
 							"    AND q.status = 'pending'"
 							"  RETURNING 1)"
 							" SELECT (SELECT count(*) FROM delivered), (SELECT count(*) FROM failed)",
 							7, types);
 	}
 
+	tids = palloc(sizeof(Datum) * n);
 	ids = palloc(sizeof(Datum) * n);
-	dests = palloc(sizeof(Datum) * n);
 	attempts = palloc(sizeof(Datum) * n);
 	outcomes = palloc(sizeof(Datum) * n);
 	delays = palloc(sizeof(Datum) * n);
@@ -437,8 +442,8 @@ saga_outbox_record_http(List *requests)
 			delay = req->retry_after_s >= 0 ? (double) req->retry_after_s :
 				saga_backoff_ms(req->attempt, req->backoff_ms, req->max_backoff_ms) / 1000.0;
 
+		tids[i] = PointerGetDatum(&req->tid);
 		ids[i] = UUIDPGetDatum(&req->message_id);
-		dests[i] = CStringGetTextDatum(req->destination);
 		attempts[i] = Int32GetDatum(req->attempt);
 		outcomes[i] = Int32GetDatum((int) outcome);
 		delays[i] = Float8GetDatum(delay);
@@ -455,8 +460,8 @@ saga_outbox_record_http(List *requests)
 		i++;
 	}
 
-	args[0] = PointerGetDatum(construct_md_array(ids, NULL, 1, dims, lbs, UUIDOID, UUID_LEN, false, TYPALIGN_CHAR));
-	args[1] = PointerGetDatum(construct_md_array(dests, NULL, 1, dims, lbs, TEXTOID, -1, false, TYPALIGN_INT));
+	args[0] = PointerGetDatum(construct_md_array(tids, NULL, 1, dims, lbs, TIDOID, sizeof(ItemPointerData), false, TYPALIGN_SHORT));
+	args[1] = PointerGetDatum(construct_md_array(ids, NULL, 1, dims, lbs, UUIDOID, UUID_LEN, false, TYPALIGN_CHAR));
 	args[2] = PointerGetDatum(construct_md_array(attempts, NULL, 1, dims, lbs, INT4OID, 4, true, TYPALIGN_INT));
 	args[3] = PointerGetDatum(construct_md_array(outcomes, NULL, 1, dims, lbs, INT4OID, 4, true, TYPALIGN_INT));
 	args[4] = PointerGetDatum(construct_md_array(delays, NULL, 1, dims, lbs, FLOAT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));

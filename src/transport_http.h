@@ -8,6 +8,7 @@
 #include "lib/ilist.h"
 #include "lib/stringinfo.h"
 #include "nodes/pg_list.h"
+#include "storage/itemptr.h"
 #include "utils/uuid.h"
 
 #include <curl/curl.h>
@@ -26,6 +27,7 @@ typedef struct SagaHttpRequest
 	dlist_node	node;
 
 	/* what to send, set by the caller */
+	ItemPointerData tid;		/* the claimed row, as the claim left it */
 	pg_uuid_t	message_id;
 	char	   *destination;
 	int			attempt;

@@ -97,6 +97,8 @@ end_work(void)
 	PopActiveSnapshot();
 	CommitTransactionCommand();
 	MemoryContextSwitchTo(cycle_cxt);
+	/* without this, autovacuum never hears of the rows the worker deletes */
+	pgstat_report_stat(false);
 	pgstat_report_activity(STATE_IDLE, NULL);
 }
 
@@ -379,7 +381,11 @@ saga_worker_main(Datum arg)
 				next_poll = next_due;
 		}
 
-		timeout = more ? 0 : Max(0, TimestampDifferenceMilliseconds(GetCurrentTimestamp(), next_poll));
+		/* requests that finished while we submitted others are recorded now */
+		if (more || saga_http_has_completed(http))
+			timeout = 0;
+		else
+			timeout = Max(0, TimestampDifferenceMilliseconds(GetCurrentTimestamp(), next_poll));
 		work = wait_for_work(http, timeout) || more;
 	}
 }
