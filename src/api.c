@@ -55,6 +55,7 @@ PG_FUNCTION_INFO_V1(saga_worker_status);
 static bool xact_callback_registered = false;
 static bool wake_worker_pending = false;
 static bool wake_launcher_pending = false;
+static bool config_changed_pending = false;
 
 /* messages published, per transaction nesting level, not yet committed */
 static int *published_at_level = NULL;
@@ -65,6 +66,7 @@ reset_pending(void)
 {
 	wake_worker_pending = false;
 	wake_launcher_pending = false;
+	config_changed_pending = false;
 	if (published_at_level)
 		memset(published_at_level, 0, sizeof(int) * published_levels);
 }
@@ -75,6 +77,8 @@ saga_xact_callback(XactEvent event, void *arg)
 	switch (event)
 	{
 		case XACT_EVENT_COMMIT:
+			if (config_changed_pending && saga_shared != NULL)
+				pg_atomic_fetch_add_u64(&saga_shared->config_version, 1);
 			if (wake_launcher_pending)
 				saga_wake_launcher(true);
 			if (wake_worker_pending)
@@ -160,6 +164,15 @@ saga_wake_launcher_at_commit(void)
 	wake_launcher_pending = true;
 }
 
+/* Workers reread their destinations when this transaction commits. */
+void
+saga_config_changed_at_commit(void)
+{
+	register_callback();
+	config_changed_pending = true;
+	wake_worker_pending = true;
+}
+
 /* ---------- running SQL as the extension's owner ---------- */
 
 /*
@@ -194,19 +207,24 @@ typedef struct OwnerContext
 } OwnerContext;
 
 /*
- * Become the extension's owner, with a search_path the caller cannot
- * influence, and connect SPI. Errors need no cleanup: the (sub)transaction
- * abort restores the user, the settings and SPI.
+ * Become the extension's owner and connect SPI. Errors need no cleanup: the
+ * (sub)transaction abort restores the user, the settings and SPI. With
+ * pin_search_path, also set a search_path the caller cannot influence; only
+ * SQL that qualifies every name (publish, on the hot path) may do without.
  */
 static void
-begin_as_owner(OwnerContext *oc)
+begin_as_owner(OwnerContext *oc, bool pin_search_path)
 {
 	Oid			owner = extension_owner();
 
-	oc->guc_level = NewGUCNestLevel();
-	(void) set_config_option("search_path", "pg_catalog, pg_temp",
-							 PGC_USERSET, PGC_S_SESSION,
-							 GUC_ACTION_SAVE, true, 0, false);
+	oc->guc_level = -1;
+	if (pin_search_path)
+	{
+		oc->guc_level = NewGUCNestLevel();
+		(void) set_config_option("search_path", "pg_catalog, pg_temp",
+								 PGC_USERSET, PGC_S_SESSION,
+								 GUC_ACTION_SAVE, true, 0, false);
+	}
 	GetUserIdAndSecContext(&oc->saved_user, &oc->saved_sec);
 	SetUserIdAndSecContext(owner, oc->saved_sec | SECURITY_LOCAL_USERID_CHANGE |
 						   SECURITY_RESTRICTED_OPERATION);
@@ -219,7 +237,8 @@ end_as_owner(OwnerContext *oc)
 {
 	SPI_finish();
 	SetUserIdAndSecContext(oc->saved_user, oc->saved_sec);
-	AtEOXact_GUC(true, oc->guc_level);
+	if (oc->guc_level >= 0)
+		AtEOXact_GUC(true, oc->guc_level);
 }
 
 static int
@@ -653,7 +672,7 @@ saga_create_destination(PG_FUNCTION_ARGS)
 	values[7] = Int64GetDatum(o.max_backoff_ms);
 	values[8] = Int64GetDatum(o.concurrency);
 
-	begin_as_owner(&oc);
+	begin_as_owner(&oc, true);
 	run_sql("SELECT 1 FROM saga.destinations WHERE name = $1", 1, types, values, nulls, true);
 	if (SPI_processed > 0)
 		ereport(ERROR,
@@ -666,6 +685,7 @@ saga_create_destination(PG_FUNCTION_ARGS)
 			" $8 * interval '1 millisecond', $9)",
 			9, types, values, nulls, false);
 	end_as_owner(&oc);
+	saga_config_changed_at_commit();
 	PG_RETURN_VOID();
 }
 
@@ -696,7 +716,7 @@ saga_drop_destination(PG_FUNCTION_ARGS)
 	name = text_to_cstring(PG_GETARG_TEXT_PP(0));
 	values[0] = CStringGetTextDatum(name);
 
-	begin_as_owner(&oc);
+	begin_as_owner(&oc, true);
 	/* lock the row so no concurrent subscribe slips in */
 	run_sql("SELECT 1 FROM saga.destinations WHERE name = $1 FOR UPDATE", 1, types, values, NULL, false);
 	if (SPI_processed == 0)
@@ -716,6 +736,7 @@ saga_drop_destination(PG_FUNCTION_ARGS)
 	run_sql("DELETE FROM saga.subscriptions WHERE destination = $1", 1, types, values, NULL, false);
 	run_sql("DELETE FROM saga.destinations WHERE name = $1", 1, types, values, NULL, false);
 	end_as_owner(&oc);
+	saga_config_changed_at_commit();
 	PG_RETURN_VOID();
 }
 
@@ -747,7 +768,7 @@ saga_subscribe(PG_FUNCTION_ARGS)
 	values[2] = prefix ? CStringGetTextDatum(prefix) : (Datum) 0;
 	nulls[2] = prefix ? ' ' : 'n';
 
-	begin_as_owner(&oc);
+	begin_as_owner(&oc, true);
 	run_sql("SELECT 1 FROM saga.destinations WHERE name = $1 FOR KEY SHARE", 1, types + 1, values + 1, NULL, false);
 	if (SPI_processed == 0)
 		ereport(ERROR,
@@ -778,7 +799,7 @@ saga_unsubscribe(PG_FUNCTION_ARGS)
 	values[0] = CStringGetTextDatum(topic);
 	values[1] = CStringGetTextDatum(dest);
 
-	begin_as_owner(&oc);
+	begin_as_owner(&oc, true);
 	require_destination(dest);
 	run_sql("DELETE FROM saga.subscriptions WHERE pattern = $1 AND destination = $2",
 			2, types, values, NULL, false);
@@ -852,7 +873,7 @@ saga_publish(PG_FUNCTION_ARGS)
 	nulls[4] = headers ? ' ' : 'n';
 	values[5] = TimestampTzGetDatum(deliver_at);
 
-	begin_as_owner(&oc);
+	begin_as_owner(&oc, false);
 	if (plan == NULL)
 	{
 		Oid			types[6] = {UUIDOID, TEXTOID, TEXTOID, JSONBOID, JSONBOID, TIMESTAMPTZOID};
@@ -860,10 +881,12 @@ saga_publish(PG_FUNCTION_ARGS)
 		/* every name qualified: this runs under the caller's search_path */
 		plan = SPI_prepare("INSERT INTO saga.queue (message_id, destination, topic, key, payload,"
 						   " headers, next_attempt_at)"
-						   " SELECT DISTINCT $1, s.destination, $2, $3, $4, $5, $6"
-						   " FROM saga.subscriptions s"
-						   " WHERE s.pattern OPERATOR(pg_catalog.=) $2"
-						   "    OR (s.prefix IS NOT NULL AND pg_catalog.starts_with($2, s.prefix))",
+						   " SELECT $1, d.name, $2, $3, $4, $5, $6"
+						   " FROM saga.destinations d"
+						   " WHERE EXISTS (SELECT FROM saga.subscriptions s"
+						   "   WHERE s.destination OPERATOR(pg_catalog.=) d.name"
+						   "     AND (s.pattern OPERATOR(pg_catalog.=) $2"
+						   "          OR (s.prefix IS NOT NULL AND pg_catalog.starts_with($2, s.prefix))))",
 						   6, types);
 		if (plan == NULL)
 			elog(ERROR, "SPI_prepare failed for saga.publish: %s", SPI_result_code_string(SPI_result));
@@ -891,7 +914,7 @@ saga_message(PG_FUNCTION_ARGS)
 	require_arg(fcinfo, 0, "message id");
 	values[0] = PG_GETARG_DATUM(0);
 
-	begin_as_owner(&oc);
+	begin_as_owner(&oc, true);
 	run_sql("SELECT jsonb_build_object('id', message_id, 'topic', topic, 'key', key,"
 			" 'payload', payload, 'headers', headers, 'published_at', published_at)"
 			" FROM saga.queue WHERE message_id = $1 LIMIT 1",
@@ -928,7 +951,7 @@ saga_redeliver(PG_FUNCTION_ARGS)
 	else
 		nulls[1] = 'n';
 
-	begin_as_owner(&oc);
+	begin_as_owner(&oc, true);
 	if (dest)
 		require_destination(dest);
 	run_sql("SELECT 1 FROM saga.queue WHERE message_id = $1 LIMIT 1", 1, types, values, nulls, true);
@@ -1005,7 +1028,7 @@ saga_metrics(PG_FUNCTION_ARGS)
 		put_metric(store, desc, "http_requests_in_flight", "{}", (double) slot->in_flight);
 	}
 
-	begin_as_owner(&oc);
+	begin_as_owner(&oc, true);
 	run_sql("SELECT m.name, m.labels::text, m.value FROM ("
 			" SELECT 'outbox_pending' AS name, jsonb_build_object('destination', d.name) AS labels,"
 			"   (SELECT count(*) FROM saga.queue q WHERE q.destination = d.name AND q.status = 'pending')::float8 AS value, d.name AS sort"

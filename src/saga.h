@@ -62,6 +62,7 @@ typedef struct SagaShared
 	Latch	   *launcher_latch;
 	TimestampTz launcher_started_at;
 	bool		recheck_databases;	/* set when CREATE EXTENSION saga commits */
+	pg_atomic_uint64 config_version;	/* bumped when destinations change */
 	int			nslots;
 	SagaWorkerSlot slots[FLEXIBLE_ARRAY_MEMBER];
 } SagaShared;
@@ -73,6 +74,7 @@ extern bool saga_shmem_available(void);
 extern SagaWorkerSlot *saga_slot_for_database(Oid dboid);
 extern void saga_wake_worker(Oid dboid);
 extern void saga_wake_launcher(bool recheck);
+extern uint64 saga_config_version(void);
 
 /* launcher.c */
 extern void saga_register_launcher(void);
@@ -88,5 +90,6 @@ extern void saga_uuid7(unsigned char *out);
 /* api.c: wake the worker when the current transaction commits */
 extern void saga_wake_at_commit(int published);
 extern void saga_wake_launcher_at_commit(void);
+extern void saga_config_changed_at_commit(void);
 
 #endif							/* SAGA_H */

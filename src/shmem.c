@@ -38,6 +38,7 @@ saga_shmem_startup(void)
 	{
 		memset(saga_shared, 0, saga_shmem_size());
 		SpinLockInit(&saga_shared->mutex);
+		pg_atomic_init_u64(&saga_shared->config_version, 0);
 		saga_shared->nslots = saga_max_databases;
 		for (int i = 0; i < saga_shared->nslots; i++)
 		{
@@ -100,6 +101,13 @@ saga_wake_worker(Oid dboid)
 	SpinLockRelease(&saga_shared->mutex);
 	if (latch)
 		SetLatch(latch);
+}
+
+/* Changes whenever a destination was created or dropped, in any database. */
+uint64
+saga_config_version(void)
+{
+	return saga_shared ? pg_atomic_read_u64(&saga_shared->config_version) : 0;
 }
 
 void

@@ -39,10 +39,26 @@
 #define MAX_WAIT_FDS		1024
 #define RETENTION_SWEEP_MS	60000
 
+/*
+ * Wake-ups from commits run at most one cycle per this many milliseconds.
+ * Meanwhile the latch stays set, so busy publishers find it set and send no
+ * signal; at a low rate no cycle is delayed.
+ */
+#define MIN_WAKE_INTERVAL_MS	2
+
 static SagaWorkerSlot *my_slot = NULL;
 
 /* reset every loop iteration; results of a cycle's SQL are copied here */
 static MemoryContext cycle_cxt = NULL;
+
+/* destinations, kept across cycles and reread when they change */
+#define DESTINATIONS_STALE	PG_UINT64_MAX
+static MemoryContext destinations_cxt = NULL;
+static List *destinations = NIL;
+static uint64 destinations_version = DESTINATIONS_STALE;
+
+/* the wait set used while no HTTP request is in flight */
+static WaitEventSet *idle_wait_set = NULL;
 
 static void
 set_state(SagaWorkerState state)
@@ -131,16 +147,42 @@ acquire_worker_lock(void)
 }
 
 /*
+ * The destinations, reread when one was created or dropped since the last
+ * read (version was taken before this transaction's snapshot, so a change
+ * committed after it bumps the version again) or when reread is asked for.
+ */
+static List *
+current_destinations(uint64 version, bool reread)
+{
+	MemoryContext old;
+
+	if (!reread && version == destinations_version)
+		return destinations;
+	if (destinations_cxt == NULL)
+		destinations_cxt = AllocSetContextCreate(TopMemoryContext, "saga destinations",
+												 ALLOCSET_SMALL_SIZES);
+	destinations_version = DESTINATIONS_STALE;
+	destinations = NIL;
+	MemoryContextReset(destinations_cxt);
+	old = MemoryContextSwitchTo(destinations_cxt);
+	destinations = saga_outbox_destinations();
+	MemoryContextSwitchTo(old);
+	destinations_version = version;
+	return destinations;
+}
+
+/*
  * One cycle: record finished HTTP requests, claim more for every HTTP
  * destination with room, then drain due NOTIFY messages. Returns true when
  * work was left behind (a full NOTIFY batch), so the caller does not sleep;
  * *next_due is set to when the next waiting message falls due (0: none).
  */
 static bool
-run_cycle(SagaHttp *http, bool sweep_retained, TimestampTz *next_due)
+run_cycle(SagaHttp *http, bool sweep_retained, bool reread, TimestampTz *next_due)
 {
 	List	   *finished = saga_http_completed(http);
-	List	   *destinations;
+	uint64		version = saga_config_version();
+	List	   *dests;
 	SagaRecordCounts counts;
 	ListCell   *lc;
 	bool		more = false;
@@ -157,23 +199,23 @@ run_cycle(SagaHttp *http, bool sweep_retained, TimestampTz *next_due)
 
 	begin_work("claiming and recording");
 	counts = saga_outbox_record_http(finished);
-	destinations = saga_outbox_destinations();
-	foreach(lc, destinations)
+	dests = current_destinations(version, reread);
+	*next_due = 0;
+	foreach(lc, dests)
 	{
 		SagaDestination *dest = lfirst(lc);
-		int			room;
+		TimestampTz due;
 
-		if (dest->kind != SAGA_DEST_HTTP)
-			continue;
-		room = dest->concurrency - saga_http_in_flight(http, dest->name);
-		if (room > 0)
-			saga_outbox_claim_http(http, dest, Min(room, saga_batch_size));
-	}
-	*next_due = 0;
-	foreach(lc, destinations)
-	{
-		TimestampTz due = saga_outbox_next_due(lfirst(lc));
+		if (dest->kind == SAGA_DEST_HTTP)
+		{
+			int			room = dest->concurrency - saga_http_in_flight(http, dest->name);
+			int			want = Min(room, saga_batch_size);
 
+			/* a full destination is looked at again when a request finishes */
+			if (room <= 0 || saga_outbox_claim_http(http, dest, want) == want)
+				continue;
+		}
+		due = saga_outbox_next_due(dest);
 		if (due != 0 && (*next_due == 0 || due < *next_due))
 			*next_due = due;
 	}
@@ -188,7 +230,7 @@ run_cycle(SagaHttp *http, bool sweep_retained, TimestampTz *next_due)
 	saga_http_release(finished);
 	saga_http_submit_new(http);
 
-	foreach(lc, destinations)
+	foreach(lc, dests)
 	{
 		SagaDestination *dest = lfirst(lc);
 
@@ -220,11 +262,12 @@ run_cycle(SagaHttp *http, bool sweep_retained, TimestampTz *next_due)
 }
 
 /*
- * Sleep until the latch is set, a socket libcurl waits on is ready, or the
- * timeout passes; then let libcurl run. Returns true if the latch was set.
+ * Sleep until the latch is set (if with_latch), a socket libcurl waits on is
+ * ready, or the timeout passes; then let libcurl run. Returns true if the
+ * latch was set.
  */
 static bool
-wait_for_work(SagaHttp *http, long timeout_ms)
+wait_for_work(SagaHttp *http, long timeout_ms, bool with_latch)
 {
 	pgsocket	fds[MAX_WAIT_FDS];
 	uint32		events[MAX_WAIT_FDS];
@@ -238,11 +281,29 @@ wait_for_work(SagaHttp *http, long timeout_ms)
 	if (curl_timeout >= 0 && curl_timeout < timeout_ms)
 		timeout_ms = curl_timeout;
 
-	set = SagaCreateWaitEventSet(nfds + 2);
-	AddWaitEventToSet(set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
-	AddWaitEventToSet(set, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
-	for (int i = 0; i < nfds; i++)
-		AddWaitEventToSet(set, events[i], fds[i], NULL, NULL);
+	if (nfds == 0 && with_latch)
+	{
+		/* the common idle case: one set for the worker's life */
+		if (idle_wait_set == NULL)
+		{
+			MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+			idle_wait_set = SagaCreateWaitEventSet(2);
+			AddWaitEventToSet(idle_wait_set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
+			AddWaitEventToSet(idle_wait_set, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
+			MemoryContextSwitchTo(old);
+		}
+		set = idle_wait_set;
+	}
+	else
+	{
+		set = SagaCreateWaitEventSet(nfds + 2);
+		if (with_latch)
+			AddWaitEventToSet(set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
+		AddWaitEventToSet(set, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
+		for (int i = 0; i < nfds; i++)
+			AddWaitEventToSet(set, events[i], fds[i], NULL, NULL);
+	}
 
 	set_state(SAGA_SLOT_IDLE);
 	n = WaitEventSetWait(set, timeout_ms, occurred, nfds + 2, PG_WAIT_EXTENSION);
@@ -254,7 +315,8 @@ wait_for_work(SagaHttp *http, long timeout_ms)
 			latch_set = true;
 		}
 	}
-	FreeWaitEventSet(set);
+	if (set != idle_wait_set)
+		FreeWaitEventSet(set);
 	set_state(SAGA_SLOT_DISPATCHING);
 
 	if (saga_http_total_in_flight(http) > 0)
@@ -270,6 +332,7 @@ saga_worker_main(Datum arg)
 	SagaHttp   *http;
 	static TimestampTz next_poll;
 	static TimestampTz next_sweep;
+	static TimestampTz last_cycle;
 	sigjmp_buf	local_sigjmp_buf;
 
 	/* volatile: changed after sigsetjmp and read after a longjmp */
@@ -333,6 +396,7 @@ saga_worker_main(Datum arg)
 		EmitErrorReport();
 		AbortOutOfAnyTransaction();
 		saga_http_discard_new(http);
+		destinations_version = DESTINATIONS_STALE;
 		FlushErrorState();
 		MemoryContextSwitchTo(TopMemoryContext);
 		RESUME_INTERRUPTS();
@@ -370,7 +434,8 @@ saga_worker_main(Datum arg)
 			bool		sweep = now >= next_sweep;
 			TimestampTz next_due;
 
-			more = run_cycle(http, sweep, &next_due);
+			last_cycle = now;
+			more = run_cycle(http, sweep, now >= next_poll, &next_due);
 			consecutive_errors = 0;
 			if (sweep)
 				next_sweep = TimestampTzPlusMilliseconds(now, RETENTION_SWEEP_MS);
@@ -385,7 +450,18 @@ saga_worker_main(Datum arg)
 		if (more || saga_http_has_completed(http))
 			timeout = 0;
 		else
+		{
+			long		since = TimestampDifferenceMilliseconds(last_cycle, GetCurrentTimestamp());
+
 			timeout = Max(0, TimestampDifferenceMilliseconds(GetCurrentTimestamp(), next_poll));
-		work = wait_for_work(http, timeout) || more;
+			if (since < MIN_WAKE_INTERVAL_MS && timeout > 0)
+			{
+				long		hold = Min(timeout, MIN_WAKE_INTERVAL_MS - since);
+
+				(void) wait_for_work(http, hold, false);
+				timeout = saga_http_has_completed(http) ? 0 : Max(0, timeout - hold);
+			}
+		}
+		work = wait_for_work(http, timeout, true) || more;
 	}
 }
