@@ -387,11 +387,10 @@ check_headers(Jsonb *headers, const char *where)
 						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 						 errmsg("header \"%s\" in %s has an empty value", name, where)));
 			for (int i = 0; i < v.val.string.len; i++)
-				if (v.val.string.val[i] == '\r' || v.val.string.val[i] == '\n' ||
-					v.val.string.val[i] == '\0')
+				if ((unsigned char) v.val.string.val[i] < 0x20 && v.val.string.val[i] != '\t')
 					ereport(ERROR,
 							(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-							 errmsg("header \"%s\" in %s contains a line break", name, where)));
+							 errmsg("header \"%s\" in %s contains a line break or control character", name, where)));
 		}
 	}
 }
@@ -477,7 +476,7 @@ option_integer(const char *dest, const char *opt, JsonbValue *v, int64 min, int6
 
 	if (v->type == jbvNumeric)
 		d = DatumGetFloat8(DirectFunctionCall1(numeric_float8, NumericGetDatum(v->val.numeric)));
-	if (v->type != jbvNumeric || d != (double) (int64) d || d < min || d > max)
+	if (v->type != jbvNumeric || d < min || d > max || d != (double) (int64) d)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("option \"%s\" of destination \"%s\" must be an integer from " INT64_FORMAT " to " INT64_FORMAT ", not %s",
@@ -723,8 +722,15 @@ saga_drop_destination(PG_FUNCTION_ARGS)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("destination \"%s\" does not exist", name)));
+	/*
+	 * Stop routing to it, then wait for transactions that may already have
+	 * routed a message to it (they hold RowExclusiveLock on the queue) before
+	 * counting what is pending: an uncommitted publish must not be stranded.
+	 */
+	run_sql("DELETE FROM saga.subscriptions WHERE destination = $1", 1, types, values, NULL, false);
+	run_sql("LOCK TABLE saga.queue IN SHARE ROW EXCLUSIVE MODE", 0, NULL, NULL, NULL, false);
 	run_sql("SELECT count(*) FROM saga.queue WHERE destination = $1 AND status = 'pending'",
-			1, types, values, NULL, true);
+			1, types, values, NULL, false);
 	pending = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 	if (pending > 0)
 		ereport(ERROR,
@@ -733,7 +739,6 @@ saga_drop_destination(PG_FUNCTION_ARGS)
 							   "destination \"%s\" still has " INT64_FORMAT " undelivered messages",
 							   pending, name, pending),
 				 errhint("Unsubscribe its topics and wait until saga.outbox shows nothing for it.")));
-	run_sql("DELETE FROM saga.subscriptions WHERE destination = $1", 1, types, values, NULL, false);
 	run_sql("DELETE FROM saga.destinations WHERE name = $1", 1, types, values, NULL, false);
 	end_as_owner(&oc);
 	saga_config_changed_at_commit();
@@ -1082,6 +1087,8 @@ saga_worker_status(PG_FUNCTION_ARGS)
 	Tuplestorestate *store = begin_srf(fcinfo, &desc);
 	Datum		values[7];
 	bool		nulls[7];
+	pid_t		launcher_pid;
+	TimestampTz launcher_started_at;
 
 	if (!saga_shmem_available())
 	{
@@ -1093,16 +1100,18 @@ saga_worker_status(PG_FUNCTION_ARGS)
 	}
 
 	SpinLockAcquire(&saga_shared->mutex);
+	launcher_pid = saga_shared->launcher_pid;
+	launcher_started_at = saga_shared->launcher_started_at;
+	SpinLockRelease(&saga_shared->mutex);
 	memset(nulls, 0, sizeof(nulls));
 	values[0] = CStringGetTextDatum("launcher");
 	nulls[1] = true;
-	values[2] = Int32GetDatum(saga_shared->launcher_pid);
-	values[3] = CStringGetTextDatum(saga_shared->launcher_pid ? "running" : "not running");
-	values[4] = TimestampTzGetDatum(saga_shared->launcher_started_at);
-	nulls[4] = saga_shared->launcher_pid == 0;
+	values[2] = Int32GetDatum(launcher_pid);
+	values[3] = CStringGetTextDatum(launcher_pid ? "running" : "not running");
+	values[4] = TimestampTzGetDatum(launcher_started_at);
+	nulls[4] = launcher_pid == 0;
 	nulls[5] = true;
 	nulls[6] = true;
-	SpinLockRelease(&saga_shared->mutex);
 	tuplestore_putvalues(store, desc, values, nulls);
 
 	for (int i = 0; i < saga_shared->nslots; i++)

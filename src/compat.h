@@ -16,6 +16,9 @@
 
 #if PG_VERSION_NUM < 150000
 #define MarkGUCPrefixReserved(prefix) EmitWarningsOnPlaceholders(prefix)
+#define pg_prng_double(state) ((double) random() / ((double) MAX_RANDOM_VALUE + 1))
+#else
+#include "common/pg_prng.h"
 #endif
 
 #endif							/* SAGA_COMPAT_H */

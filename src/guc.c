@@ -4,6 +4,7 @@
  */
 #include "saga.h"
 
+#include "miscadmin.h"
 #include "utils/guc.h"
 
 #include "compat.h"
@@ -45,14 +46,16 @@ saga_define_gucs(void)
 							0,
 							NULL, NULL, NULL);
 
-	DefineCustomIntVariable("saga.max_databases",
-							"Most databases that can have a saga worker at the same time.",
-							"Each worker also needs one of max_worker_processes.",
-							&saga_max_databases,
-							16, 1, 1024,
-							PGC_POSTMASTER,
-							0,
-							NULL, NULL, NULL);
+	/* a postmaster setting can only be defined while preloading */
+	if (process_shared_preload_libraries_in_progress)
+		DefineCustomIntVariable("saga.max_databases",
+								"Most databases that can have a saga worker at the same time.",
+								"Each worker also needs one of max_worker_processes.",
+								&saga_max_databases,
+								16, 1, 1024,
+								PGC_POSTMASTER,
+								0,
+								NULL, NULL, NULL);
 
 	DefineCustomIntVariable("saga.max_payload_size",
 							"Largest payload saga.publish accepts.",

@@ -44,6 +44,7 @@ typedef struct KnownDatabase
 {
 	Oid			dboid;			/* hash key */
 	BackgroundWorkerHandle *handle; /* worker started by us, or NULL */
+	pid_t		adopted_pid;	/* worker started by a previous launcher */
 	int			slot;
 	bool		no_extension;
 	bool		seen;
@@ -152,6 +153,10 @@ claim_slot(Oid dboid)
 			slot->in_flight = 0;
 			slot->started_at = 0;
 			slot->last_cycle_at = 0;
+			pg_atomic_write_u64(&slot->published, 0);
+			pg_atomic_write_u64(&slot->delivered, 0);
+			pg_atomic_write_u64(&slot->retried, 0);
+			pg_atomic_write_u64(&slot->dead_lettered, 0);
 			found = i;
 			break;
 		}
@@ -219,6 +224,25 @@ start_worker(KnownDatabase *db, TimestampTz now)
 	db->slot = slot;
 }
 
+static bool
+has_worker(KnownDatabase *db)
+{
+	return db->handle != NULL || db->adopted_pid != 0;
+}
+
+static bool
+worker_alive(KnownDatabase *db)
+{
+	pid_t		pid;
+
+	if (db->handle != NULL)
+		return GetBackgroundWorkerPid(db->handle, &pid) != BGWH_STOPPED;
+	if (db->adopted_pid != 0)
+		return saga_shared->slots[db->slot].state != SAGA_SLOT_EXITED &&
+			kill(db->adopted_pid, 0) == 0;
+	return false;
+}
+
 /* Forget a worker that has stopped, learning from its slot why it stopped. */
 static void
 reap_worker(KnownDatabase *db, TimestampTz now)
@@ -226,8 +250,10 @@ reap_worker(KnownDatabase *db, TimestampTz now)
 	SagaExitReason reason = saga_shared->slots[db->slot].exit_reason;
 
 	release_slot(db->slot);
-	pfree(db->handle);
+	if (db->handle)
+		pfree(db->handle);
 	db->handle = NULL;
+	db->adopted_pid = 0;
 	db->slot = -1;
 	db->no_extension = (reason == SAGA_EXIT_NO_EXTENSION);
 	db->not_before = TimestampTzPlusMilliseconds(now, db->no_extension ?
@@ -264,17 +290,16 @@ launcher_scan(void)
 		if (!found)
 		{
 			db->handle = NULL;
+			db->adopted_pid = 0;
 			db->slot = -1;
 			db->no_extension = false;
 			db->not_before = 0;
 		}
 		db->seen = true;
 
-		if (db->handle != NULL)
+		if (has_worker(db))
 		{
-			pid_t		pid;
-
-			if (GetBackgroundWorkerPid(db->handle, &pid) != BGWH_STOPPED)
+			if (worker_alive(db))
 				continue;
 			reap_worker(db, now);
 		}
@@ -290,42 +315,66 @@ launcher_scan(void)
 	hash_seq_init(&seq, known_databases);
 	while ((db = hash_seq_search(&seq)) != NULL)
 	{
-		pid_t		pid;
-
 		if (db->seen)
 			continue;
-		if (db->handle == NULL)
+		if (!has_worker(db))
 			hash_search(known_databases, &db->dboid, HASH_REMOVE, NULL);
-		else if (GetBackgroundWorkerPid(db->handle, &pid) == BGWH_STOPPED)
+		else if (!worker_alive(db))
 		{
 			reap_worker(db, now);
 			hash_search(known_databases, &db->dboid, HASH_REMOVE, NULL);
 		}
-		else
+		else if (db->handle != NULL)
 			TerminateBackgroundWorker(db->handle);
+		else
+			kill(db->adopted_pid, SIGTERM);
 	}
 
 	list_free(candidates);
 	return Max(10, TimestampDifferenceMilliseconds(now, next));
 }
 
-/* Slots left behind by a previous launcher whose workers never started. */
+/*
+ * A launcher that restarted (after an error, or pg_terminate_backend) finds
+ * the workers of its predecessor still running: it adopts them, tracking
+ * them by pid, instead of starting a second one per database. Slots whose
+ * worker never started or has gone are freed.
+ */
 static void
-reset_orphan_slots(void)
+adopt_running_workers(void)
 {
-	SpinLockAcquire(&saga_shared->mutex);
 	for (int i = 0; i < saga_shared->nslots; i++)
 	{
 		SagaWorkerSlot *slot = &saga_shared->slots[i];
+		pid_t		pid;
+		Oid			dboid;
+		bool		alive;
 
-		if (slot->state != SAGA_SLOT_FREE &&
-			(slot->pid == 0 || kill(slot->pid, 0) != 0))
+		SagaWorkerState state;
+
+		SpinLockAcquire(&saga_shared->mutex);
+		pid = slot->pid;
+		dboid = slot->dboid;
+		state = slot->state;
+		SpinLockRelease(&saga_shared->mutex);
+		if (state == SAGA_SLOT_FREE)
+			continue;
+		alive = state != SAGA_SLOT_EXITED && pid != 0 && kill(pid, 0) == 0;
+		if (!alive)
+			release_slot(i);
+
+		if (alive)
 		{
-			slot->state = SAGA_SLOT_FREE;
-			slot->dboid = InvalidOid;
+			bool		found;
+			KnownDatabase *db = hash_search(known_databases, &dboid, HASH_ENTER, &found);
+
+			db->handle = NULL;
+			db->adopted_pid = pid;
+			db->slot = i;
+			db->no_extension = false;
+			db->not_before = 0;
 		}
 	}
-	SpinLockRelease(&saga_shared->mutex);
 }
 
 void
@@ -350,13 +399,12 @@ saga_launcher_main(Datum arg)
 	saga_shared->launcher_started_at = GetCurrentTimestamp();
 	SpinLockRelease(&saga_shared->mutex);
 
-	reset_orphan_slots();
-
 	memset(&ctl, 0, sizeof(ctl));
 	ctl.keysize = sizeof(Oid);
 	ctl.entrysize = sizeof(KnownDatabase);
 	known_databases = hash_create("saga known databases", 64, &ctl,
 								  HASH_ELEM | HASH_BLOBS);
+	adopt_running_workers();
 
 	scan_cxt = AllocSetContextCreate(TopMemoryContext, "saga launcher scan",
 									 ALLOCSET_DEFAULT_SIZES);

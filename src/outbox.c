@@ -11,16 +11,18 @@
 #include "catalog/pg_type.h"
 #include "commands/async.h"
 #include "commands/extension.h"
-#include "common/pg_prng.h"
 #include "executor/spi.h"
 #include "mb/pg_wchar.h"
 #include "utils/array.h"
 #include "storage/itemptr.h"
 #include "utils/builtins.h"
+#include "utils/json.h"
+#include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/timestamp.h"
 #include "utils/uuid.h"
 
+#include "compat.h"
 #include "outbox.h"
 
 /* pg_notify refuses payloads of this many bytes or more */
@@ -166,12 +168,113 @@ saga_outbox_destinations(void)
 	"       AND e.status = 'pending' AND e.seq < c.seq))" \
 	" ORDER BY c.next_attempt_at, c.seq LIMIT " limit
 
+typedef struct NotifyRow
+{
+	int64		seq;
+	char	   *envelope;
+	Datum		published_at;
+} NotifyRow;
+
+static int
+notify_row_cmp(const void *a, const void *b)
+{
+	int64		x = ((const NotifyRow *) a)->seq;
+	int64		y = ((const NotifyRow *) b)->seq;
+
+	return (x > y) - (x < y);
+}
+
+/*
+ * Keep a message that NOTIFY could not carry, marked delivered, so that
+ * saga.message() can return it until saga.message_retention passes. The row
+ * is rebuilt from its envelope.
+ */
+static void
+keep_for_retention(SagaDestination *dest, NotifyRow *row)
+{
+	static SPIPlanPtr plan = NULL;
+	Datum		args[4];
+	int			rc;
+
+	if (plan == NULL)
+	{
+		Oid			types[4] = {TEXTOID, TEXTOID, INT8OID, TIMESTAMPTZOID};
+
+		plan = prepare_kept(
+							"INSERT INTO saga.queue (message_id, destination, seq, topic, key, payload,"
+							"  headers, published_at, next_attempt_at, attempts, status, finished_at)"
+							" SELECT (e->>'id')::uuid, $2, $3, e->>'topic', e->>'key', e->'payload',"
+							"  nullif(e->'headers', 'null'), $4, now(), 1, 'delivered', now()"
+							" FROM (SELECT $1::jsonb AS e) m",
+							4, types);
+	}
+	args[0] = CStringGetTextDatum(row->envelope);
+	args[1] = CStringGetTextDatum(dest->name);
+	args[2] = Int64GetDatum(row->seq);
+	args[3] = row->published_at;
+	rc = SPI_execute_plan(plan, args, NULL, false, 0);
+	if (rc != SPI_OK_INSERT)
+		elog(ERROR, "saga: could not keep a truncated message: %s", SPI_result_code_string(rc));
+}
+
+/*
+ * The envelope NOTIFY carries when the whole message is too large: the
+ * envelope's fields named in names, and "truncated": true.
+ */
+static char *
+envelope_without_payload(const char *envelope, const char *const *names, int nnames)
+{
+	Jsonb	   *full = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(envelope)));
+	Datum		keys[5];
+	Datum		vals[5];
+
+	for (int i = 0; i < nnames; i++)
+	{
+		keys[i] = CStringGetTextDatum(names[i]);
+		vals[i] = DirectFunctionCall2(jsonb_object_field, JsonbPGetDatum(full), keys[i]);
+	}
+	keys[nnames] = CStringGetTextDatum("truncated");
+	vals[nnames] = DirectFunctionCall1(jsonb_in, CStringGetDatum("true"));
+	{
+		StringInfoData buf;
+
+		initStringInfo(&buf);
+		appendStringInfoChar(&buf, '{');
+		for (int i = 0; i <= nnames; i++)
+		{
+			if (i > 0)
+				appendStringInfoString(&buf, ", ");
+			escape_json(&buf, TextDatumGetCString(keys[i]));
+			appendStringInfoString(&buf, ": ");
+			appendStringInfoString(&buf, DatumGetCString(DirectFunctionCall1(jsonb_out, vals[i])));
+		}
+		appendStringInfoChar(&buf, '}');
+		return buf.data;
+	}
+}
+
+static char *
+truncated_envelope(const char *envelope)
+{
+	static const char *const names[] = {"id", "key", "topic", "headers"};
+
+	return envelope_without_payload(envelope, names, 4);
+}
+
+static char *
+minimal_envelope(const char *envelope)
+{
+	static const char *const names[] = {"id", "topic"};
+
+	return envelope_without_payload(envelope, names, 2);
+}
+
 /*
  * Deliver up to limit due messages of one NOTIFY destination in the current
  * transaction: the rows are deleted and the notifications queued together, so
- * they commit (and are sent) together. A message whose envelope is too large
- * for NOTIFY goes out without its payload and is kept, marked delivered, for
- * saga.message() to read until saga.message_retention passes.
+ * they commit (and are sent) together, in publish order. A message whose
+ * envelope is too large for NOTIFY goes out without its payload and with
+ * "truncated": true, and is kept for saga.message().
  *
  * The statement repeats while it finds work: once it has deleted the first
  * message of a key, the next one of that key becomes due in the same
@@ -189,47 +292,62 @@ saga_outbox_dispatch_notify(SagaDestination *dest, int limit)
 		Oid			types[2] = {TEXTOID, INT4OID};
 
 		plan = prepare_kept(
-							"WITH gone AS ("
-							"  DELETE FROM saga.queue q"
-							"  WHERE q.ctid = ANY (ARRAY(" DUE_HEADS("$2") "))"
-							"    AND q.status = 'pending'"
-							"  RETURNING q.*),"
-							" env AS ("
-							"  SELECT g.*, jsonb_build_object('id', g.message_id, 'topic', g.topic,"
-							"    'key', g.key, 'payload', g.payload, 'headers', g.headers)::text AS envelope"
-							"  FROM gone g),"
-							" kept AS ("
-							"  INSERT INTO saga.queue (message_id, destination, seq, topic, key, payload,"
-							"    headers, published_at, next_attempt_at, attempts, status, finished_at)"
-							"  SELECT message_id, destination, seq, topic, key, payload, headers,"
-							"    published_at, next_attempt_at, attempts + 1, 'delivered', now()"
-							"  FROM env WHERE octet_length(envelope) >= 8000)"
-							" SELECT CASE WHEN octet_length(envelope) < 8000 THEN envelope"
-							"  ELSE jsonb_build_object('id', message_id, 'topic', topic, 'key', key,"
-							"    'headers', headers, 'truncated', true)::text END"
-							" FROM env ORDER BY seq",
+							"DELETE FROM saga.queue q"
+							" WHERE q.ctid = ANY (ARRAY(" DUE_HEADS("$2") "))"
+							"   AND q.status = 'pending'"
+							" RETURNING q.seq, jsonb_build_object('id', q.message_id, 'topic', q.topic,"
+							"   'key', q.key, 'payload', q.payload, 'headers', q.headers)::text,"
+							"   q.published_at",
 							2, types);
 	}
 	args[0] = CStringGetTextDatum(dest->name);
 	while (sent < limit)
 	{
+		NotifyRow  *rows;
+		uint64		n;
 		int			rc;
 
 		args[1] = Int32GetDatum(limit - sent);
 		rc = SPI_execute_plan(plan, args, NULL, false, 0);
-		if (rc != SPI_OK_SELECT)
+		if (rc != SPI_OK_DELETE_RETURNING)
 			elog(ERROR, "saga: NOTIFY dispatch failed: %s", SPI_result_code_string(rc));
-		if (SPI_processed == 0)
+		n = SPI_processed;
+		if (n == 0)
 			break;
-		for (uint64 i = 0; i < SPI_processed; i++)
-		{
-			char	   *envelope = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1);
 
-			Async_Notify(dest->target, envelope);
-			pfree(envelope);
+		/* a TID scan returns rows in physical order: notify in publish order */
+		rows = palloc(sizeof(NotifyRow) * n);
+		for (uint64 i = 0; i < n; i++)
+		{
+			HeapTuple	tup = SPI_tuptable->vals[i];
+			TupleDesc	desc = SPI_tuptable->tupdesc;
+			bool		isnull;
+
+			rows[i].seq = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+			rows[i].envelope = SPI_getvalue(tup, desc, 2);
+			rows[i].published_at = SPI_getbinval(tup, desc, 3, &isnull);
 		}
-		sent += (int) SPI_processed;
 		SPI_freetuptable(SPI_tuptable);
+		qsort(rows, n, sizeof(NotifyRow), notify_row_cmp);
+
+		for (uint64 i = 0; i < n; i++)
+		{
+			if (strlen(rows[i].envelope) < NOTIFY_PAYLOAD_LIMIT)
+				Async_Notify(dest->target, rows[i].envelope);
+			else
+			{
+				char	   *small = truncated_envelope(rows[i].envelope);
+
+				keep_for_retention(dest, &rows[i]);
+				/* escaped headers and key can still be too long: id and topic only */
+				if (strlen(small) >= NOTIFY_PAYLOAD_LIMIT)
+					small = minimal_envelope(rows[i].envelope);
+				Async_Notify(dest->target, small);
+			}
+			pfree(rows[i].envelope);
+		}
+		pfree(rows);
+		sent += (int) n;
 	}
 	return sent;
 }
@@ -497,7 +615,8 @@ saga_outbox_next_due(SagaDestination *dest)
 							1, types);
 	}
 	args[0] = CStringGetTextDatum(dest->name);
-	rc = SPI_execute_plan(plan, args, NULL, true, 1);
+	/* not read-only: it must see the retries recorded earlier in this transaction */
+	rc = SPI_execute_plan(plan, args, NULL, false, 1);
 	if (rc != SPI_OK_SELECT || SPI_processed != 1)
 		elog(ERROR, "saga: could not read the next due time: %s", SPI_result_code_string(rc));
 	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
@@ -510,6 +629,7 @@ saga_outbox_expire_retained(void)
 {
 	static SPIPlanPtr plan = NULL;
 	Datum		args[1];
+	int			total = 0;
 	int			rc;
 
 	if (plan == NULL)
@@ -523,8 +643,12 @@ saga_outbox_expire_retained(void)
 							1, types);
 	}
 	args[0] = Int32GetDatum(saga_message_retention_s);
-	rc = SPI_execute_plan(plan, args, NULL, false, 0);
-	if (rc != SPI_OK_DELETE)
-		elog(ERROR, "saga: could not expire retained messages: %s", SPI_result_code_string(rc));
-	return (int) SPI_processed;
+	do
+	{
+		rc = SPI_execute_plan(plan, args, NULL, false, 0);
+		if (rc != SPI_OK_DELETE)
+			elog(ERROR, "saga: could not expire retained messages: %s", SPI_result_code_string(rc));
+		total += (int) SPI_processed;
+	} while (SPI_processed == 1000);
+	return total;
 }

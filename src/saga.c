@@ -7,9 +7,11 @@
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "storage/ipc.h"
+#include "catalog/pg_database.h"
 #include "commands/dbcommands.h"
 #include "commands/defrem.h"
 #include "tcop/utility.h"
+#include "utils/acl.h"
 
 #include <curl/curl.h>
 
@@ -39,6 +41,22 @@ saga_shmem_startup_hook(void)
 	if (prev_shmem_startup_hook)
 		prev_shmem_startup_hook();
 	saga_shmem_startup();
+}
+
+/*
+ * Only a role that owns the database (or a superuser) may make its worker
+ * step aside; anyone else's DROP or CREATE DATABASE will fail anyway.
+ */
+static bool
+may_stop_worker(Oid dboid)
+{
+	if (!OidIsValid(dboid))
+		return false;
+#if PG_VERSION_NUM >= 160000
+	return object_ownercheck(DatabaseRelationId, dboid, GetUserId());
+#else
+	return pg_database_ownercheck(dboid, GetUserId());
+#endif
 }
 
 /* The database named by CREATE DATABASE's TEMPLATE option, if any. */
@@ -81,14 +99,14 @@ saga_process_utility(PlannedStmt *pstmt, const char *queryString,
 	{
 		Oid			dboid = get_database_oid(((DropdbStmt *) parsetree)->dbname, true);
 
-		if (OidIsValid(dboid))
+		if (may_stop_worker(dboid))
 			saga_stop_worker_for_database(dboid);
 	}
 	else if (IsA(parsetree, CreatedbStmt))
 	{
 		Oid			dboid = createdb_template((CreatedbStmt *) parsetree);
 
-		if (OidIsValid(dboid))
+		if (may_stop_worker(dboid))
 			saga_stop_worker_for_database(dboid);
 	}
 

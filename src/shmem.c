@@ -68,7 +68,9 @@ saga_slot_for_database(Oid dboid)
 		return NULL;
 	for (int i = 0; i < saga_shared->nslots; i++)
 	{
-		if (saga_shared->slots[i].state != SAGA_SLOT_FREE &&
+		SagaWorkerState state = saga_shared->slots[i].state;
+
+		if (state != SAGA_SLOT_FREE && state != SAGA_SLOT_EXITED &&
 			saga_shared->slots[i].dboid == dboid)
 			return &saga_shared->slots[i];
 	}
@@ -92,7 +94,8 @@ saga_wake_worker(Oid dboid)
 	{
 		SagaWorkerSlot *slot = &saga_shared->slots[i];
 
-		if (slot->state != SAGA_SLOT_FREE && slot->dboid == dboid)
+		if (slot->state != SAGA_SLOT_FREE && slot->state != SAGA_SLOT_EXITED &&
+			slot->dboid == dboid)
 		{
 			latch = slot->latch;
 			break;

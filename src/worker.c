@@ -29,9 +29,14 @@
 #include "compat.h"
 #include "outbox.h"
 
-/* advisory lock key (with the database oid) fencing one worker per database */
+/*
+ * The lock (with the database oid) fencing one worker per database. It is an
+ * advisory lock of a class SQL cannot name (pg_advisory_lock uses classes 1
+ * and 2), so no role can take it to keep the worker from starting.
+ */
 #define WORKER_LOCK_KEY1	0x73616761	/* "saga" */
 #define WORKER_LOCK_KEY2	1
+#define WORKER_LOCK_CLASS	0x5347
 
 /* at most this many NOTIFY batches per destination before looking at HTTP */
 #define NOTIFY_BATCHES_PER_CYCLE	8
@@ -128,7 +133,7 @@ acquire_worker_lock(void)
 {
 	LOCKTAG		tag;
 
-	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, WORKER_LOCK_KEY1, WORKER_LOCK_KEY2, 2);
+	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, WORKER_LOCK_KEY1, WORKER_LOCK_KEY2, WORKER_LOCK_CLASS);
 	for (;;)
 	{
 		LockAcquireResult r;
@@ -392,6 +397,8 @@ saga_worker_main(Datum arg)
 	 */
 	if (sigsetjmp(local_sigjmp_buf, 1) != 0)
 	{
+		/* the callbacks on the stack belonged to frames that are gone */
+		error_context_stack = NULL;
 		HOLD_INTERRUPTS();
 		EmitErrorReport();
 		AbortOutOfAnyTransaction();
@@ -403,10 +410,19 @@ saga_worker_main(Datum arg)
 
 		pgstat_report_activity(STATE_IDLE, NULL);
 		consecutive_errors++;
-		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-						 Min(30000L, 1000L << Min(consecutive_errors - 1, 5)),
-						 PG_WAIT_EXTENSION);
-		ResetLatch(MyLatch);
+
+		/* pause, but keep requests in flight moving so their leases hold */
+		{
+			TimestampTz until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+															Min(30000L, 1000L << Min(consecutive_errors - 1, 5)));
+			long		left;
+
+			while ((left = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), until)) > 0)
+			{
+				CHECK_FOR_INTERRUPTS();
+				(void) wait_for_work(http, left, true);
+			}
+		}
 		work = true;
 	}
 	PG_exception_stack = &local_sigjmp_buf;

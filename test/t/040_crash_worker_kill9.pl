@@ -13,6 +13,8 @@ use SagaTest;
 
 my $node = saga_node('crash_worker', conf => "restart_after_crash = on\n");
 my ($port, $log, $rpid) = start_receiver();
+# stop the receiver even if the test dies half-way
+END { kill 'TERM', $rpid if $rpid }
 wait_for_worker($node);
 
 $node->safe_psql('postgres', qq{
@@ -43,15 +45,15 @@ is(scalar(@rolled_back), 900, 'rolled-back publishes returned their ids');
 is($node->safe_psql('postgres', 'SELECT count(*) FROM committed_ids'), '10000',
 	'10,000 messages committed');
 
-# Kill the worker twice while deliveries are under way.
+# Kill the worker twice while deliveries are under way: once the receiver
+# has seen 2,500 requests, and again at 6,000.
 my $reader = { offset => 0, lines => 0 };
 my @killed;
 for my $round (1 .. 2)
 {
 	my $pid = worker_pid($node);
 	ok($pid, "round $round: a saga worker runs (pid $pid)");
-	my $target = receiver_lines($log, $reader) + 2500;
-	my $moving = wait_for_lines($log, $reader, $target);
+	my $moving = wait_for_lines($log, $reader, $round == 1 ? 2500 : 6000);
 	my $pending = $node->safe_psql('postgres',
 		q{SELECT count(*) FROM saga.queue WHERE status = 'pending'});
 	ok($moving && $pending > 0,
@@ -94,7 +96,6 @@ my @unexpected = grep { my $l = $_; !grep { $l =~ /\(PID $_\)/ } @killed }
   grep { /terminated by signal/ } split /\n/, $logtext;
 is_deeply(\@unexpected, [], 'no other process was terminated by a signal');
 
-kill 'TERM', $rpid;
 $node->stop;
 done_testing();
 

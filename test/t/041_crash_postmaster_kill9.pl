@@ -13,6 +13,8 @@ use SagaTest;
 
 my $node = saga_node('crash_postmaster', conf => "restart_after_crash = on\n");
 my ($port, $log, $rpid) = start_receiver();
+# stop the receiver even if the test dies half-way
+END { kill 'TERM', $rpid if $rpid }
 wait_for_worker($node);
 
 $node->safe_psql('postgres', qq{
@@ -45,7 +47,8 @@ my $reader = { offset => 0, lines => 0 };
 my $worker = $node->safe_psql('postgres',
 	"SELECT pid FROM pg_stat_activity WHERE backend_type = 'saga worker'");
 ok($worker, "a saga worker runs (pid $worker)");
-my $moving = wait_for_lines($log, $reader, receiver_lines($log, $reader) + 800);
+# strike once the receiver has seen a quarter of the messages
+my $moving = wait_for_lines($log, $reader, 1000);
 my @server_pids = split /\n/, $node->safe_psql('postgres', 'SELECT pid FROM pg_stat_activity');
 my $pending = $node->safe_psql('postgres',
 	q{SELECT count(*) FROM saga.queue WHERE status = 'pending'});
@@ -78,7 +81,6 @@ check_nothing_lost($node, $log, \@rolled_back, 4000, 'postmaster kill -9');
 my @unexpected = grep { /terminated by signal/ } split /\n/, slurp_file($node->logfile);
 is_deeply(\@unexpected, [], 'no process was reported terminated by a signal');
 
-kill 'TERM', $rpid;
 $node->stop;
 done_testing();
 

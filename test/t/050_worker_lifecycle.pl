@@ -14,6 +14,8 @@ use SagaTest;
 
 my $node = saga_node('lifecycle');
 my ($port, $log, $rpid) = start_receiver();
+# stop the receiver even if the test dies half-way
+END { kill 'TERM', $rpid if $rpid }
 wait_for_worker($node);
 
 $node->safe_psql('postgres', qq{
@@ -118,7 +120,6 @@ unlike($logtext, qr/terminated by signal|was terminated|PANIC|TRAP:/,
 	'no process was reported terminated by a signal');
 is(scalar(() = $logtext =~ /saga worker started/g), 4, q{four worker starts: initial, re-included, after termination, after restart});
 
-kill 'TERM', $rpid;
 done_testing();
 
 sub worker_pid

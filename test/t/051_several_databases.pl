@@ -14,6 +14,8 @@ use SagaTest;
 # a crashing worker must fail the log check below, not end the test early
 my $node = saga_node('several_dbs', conf => "restart_after_crash = on\n");
 my ($port, $log, $rpid) = start_receiver();
+# stop the receiver even if the test dies half-way
+END { kill 'TERM', $rpid if $rpid }
 wait_for_worker($node);
 
 $node->safe_psql('postgres', 'CREATE DATABASE a');
@@ -57,7 +59,9 @@ my %pid = map { $_ => worker_pid($node, $_) } qw(a b postgres);
 
 # --- DROP EXTENSION: the worker leaves and is not restarted
 $node->safe_psql('a', 'DROP EXTENSION saga');
-ok($node->poll_query_until('postgres', q{
+# (at most 30s, generous for what takes under a second, so that a stuck
+# worker fails the test quickly)
+ok(wait_sql($node, q{
 	SELECT count(*) = 0 FROM pg_stat_activity WHERE backend_type = 'saga worker' AND datname = 'a'}),
 	'DROP EXTENSION makes the worker of that database leave');
 ok(never($node, q{SELECT count(*) > 0 FROM pg_stat_activity
@@ -110,7 +114,6 @@ $node->stop('fast');
 unlike(slurp_file($node->logfile), qr/terminated by signal|PANIC|TRAP:/,
 	'no process was reported terminated by a signal');
 
-kill 'TERM', $rpid;
 done_testing();
 
 sub worker_pid
@@ -143,4 +146,18 @@ sub never
 		usleep(100_000);
 	}
 	return 1;
+}
+
+# Poll until the query returns true, for at most 30 seconds.
+sub wait_sql
+{
+	my ($node, $sql) = @_;
+	my $end = time() + 30;
+	while (time() < $end)
+	{
+		my ($ret, $out) = $node->psql('postgres', $sql);
+		return 1 if $ret == 0 && $out eq 't';
+		usleep(100_000);
+	}
+	return 0;
 }
