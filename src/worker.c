@@ -10,6 +10,9 @@
 #include "saga.h"
 
 #include "access/xact.h"
+#include "commands/vacuum.h"
+#include "nodes/makefuncs.h"
+#include "parser/parse_node.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "pgstat.h"
@@ -51,6 +54,15 @@
  */
 #define MIN_WAKE_INTERVAL_MS	2
 
+/*
+ * The worker vacuums saga.queue itself once it has deleted this many rows
+ * (and not more often than VACUUM_INTERVAL_MS): at thousands of messages a
+ * second, waiting for autovacuum's next round lets the table grow by all the
+ * rows deleted in between.
+ */
+#define VACUUM_AFTER_DELETES	20000
+#define VACUUM_INTERVAL_MS		2000
+
 static SagaWorkerSlot *my_slot = NULL;
 
 /* reset every loop iteration; results of a cycle's SQL are copied here */
@@ -64,6 +76,9 @@ static uint64 destinations_version = DESTINATIONS_STALE;
 
 /* the wait set used while no HTTP request is in flight */
 static WaitEventSet *idle_wait_set = NULL;
+
+/* rows deleted since the worker last vacuumed saga.queue */
+static uint64 deleted_since_vacuum = 0;
 
 static void
 set_state(SagaWorkerState state)
@@ -230,6 +245,7 @@ run_cycle(SagaHttp *http, bool sweep_retained, bool reread, TimestampTz *next_du
 
 	/* committed: the outcomes are durable, the claims are ours */
 	pg_atomic_fetch_add_u64(&my_slot->delivered, counts.delivered);
+	deleted_since_vacuum += counts.delivered;
 	pg_atomic_fetch_add_u64(&my_slot->retried, counts.retried);
 	pg_atomic_fetch_add_u64(&my_slot->dead_lettered, counts.dead);
 	saga_http_release(finished);
@@ -254,6 +270,7 @@ run_cycle(SagaHttp *http, bool sweep_retained, bool reread, TimestampTz *next_du
 			sent = saga_outbox_dispatch_notify(dest, saga_batch_size);
 			end_work();
 			pg_atomic_fetch_add_u64(&my_slot->delivered, sent);
+			deleted_since_vacuum += sent;
 			if (sent < saga_batch_size)
 				break;
 		}
@@ -264,6 +281,35 @@ run_cycle(SagaHttp *http, bool sweep_retained, bool reread, TimestampTz *next_du
 	my_slot->in_flight = saga_http_total_in_flight(http);
 	SpinLockRelease(&saga_shared->mutex);
 	return more;
+}
+
+/*
+ * VACUUM saga.queue, as a top-level command of this process: it runs in its
+ * own transactions and takes only a lock that publishers do not wait for.
+ */
+static void
+vacuum_queue(void)
+{
+	VacuumStmt *stmt = makeNode(VacuumStmt);
+	MemoryContext portal = AllocSetContextCreate(TopMemoryContext, "saga vacuum",
+												 ALLOCSET_DEFAULT_SIZES);
+
+	stmt->options = NIL;
+	stmt->rels = list_make1(makeVacuumRelation(makeRangeVar("saga", "queue", -1),
+											   InvalidOid, NIL));
+	stmt->is_vacuumcmd = true;
+
+	pgstat_report_activity(STATE_RUNNING, "VACUUM saga.queue");
+	PortalContext = portal;
+	StartTransactionCommand();
+	ExecVacuum(make_parsestate(NULL), stmt, true);
+	CommitTransactionCommand();
+	PortalContext = NULL;
+	MemoryContextDelete(portal);
+	MemoryContextSwitchTo(cycle_cxt);
+	pgstat_report_stat(false);
+	pgstat_report_activity(STATE_IDLE, NULL);
+	deleted_since_vacuum = 0;
 }
 
 /*
@@ -338,6 +384,7 @@ saga_worker_main(Datum arg)
 	static TimestampTz next_poll;
 	static TimestampTz next_sweep;
 	static TimestampTz last_cycle;
+	static TimestampTz last_vacuum;
 	sigjmp_buf	local_sigjmp_buf;
 
 	/* volatile: changed after sigsetjmp and read after a longjmp */
@@ -455,6 +502,12 @@ saga_worker_main(Datum arg)
 			consecutive_errors = 0;
 			if (sweep)
 				next_sweep = TimestampTzPlusMilliseconds(now, RETENTION_SWEEP_MS);
+			if (deleted_since_vacuum >= VACUUM_AFTER_DELETES &&
+				TimestampDifferenceExceeds(last_vacuum, now, VACUUM_INTERVAL_MS))
+			{
+				last_vacuum = now;
+				vacuum_queue();
+			}
 			if (work)
 				next_poll = TimestampTzPlusMilliseconds(now, saga_poll_interval_ms);
 			/* wake up for the next retry or deliver_at, not a poll later */
