@@ -8,10 +8,12 @@
  */
 #include "postgres.h"
 
-#include <sys/select.h>
+#include <sys/epoll.h>
+#include <unistd.h>
 
 #include "storage/latch.h"
 #include "utils/memutils.h"
+#include "utils/timestamp.h"
 
 #include "transport_http.h"
 
@@ -23,11 +25,51 @@ static void classify(SagaHttpRequest *req);
 struct SagaHttp
 {
 	CURLM	   *multi;
+	int			epfd;			/* the sockets libcurl waits on */
+	TimestampTz timer;			/* when libcurl wants to run; 0: no timer */
 	MemoryContext cxt;
 	dlist_head	created;		/* claimed, not yet submitted */
 	dlist_head	running;
 	dlist_head	completed;		/* finished, outcome not yet recorded */
 };
+
+/*
+ * libcurl tells us which sockets to watch for what; we keep them in an epoll
+ * set whose own descriptor the worker waits on, next to its latch.
+ */
+static int
+watch_socket(CURL *easy, curl_socket_t fd, int what, void *arg, void *known)
+{
+	SagaHttp   *http = (SagaHttp *) arg;
+	struct epoll_event ev;
+
+	memset(&ev, 0, sizeof(ev));
+	ev.data.fd = fd;
+	if (what == CURL_POLL_REMOVE)
+	{
+		(void) epoll_ctl(http->epfd, EPOLL_CTL_DEL, fd, NULL);
+		return 0;
+	}
+	if (what & CURL_POLL_IN)
+		ev.events |= EPOLLIN;
+	if (what & CURL_POLL_OUT)
+		ev.events |= EPOLLOUT;
+	if (epoll_ctl(http->epfd, known ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, fd, &ev) != 0 &&
+		epoll_ctl(http->epfd, known ? EPOLL_CTL_ADD : EPOLL_CTL_MOD, fd, &ev) != 0)
+		return -1;
+	curl_multi_assign(http->multi, fd, (void *) 1);
+	return 0;
+}
+
+static int
+set_timer(CURLM *multi, long timeout_ms, void *arg)
+{
+	SagaHttp   *http = (SagaHttp *) arg;
+
+	http->timer = timeout_ms < 0 ? 0 :
+		TimestampTzPlusMilliseconds(GetCurrentTimestamp(), timeout_ms);
+	return 0;
+}
 
 SagaHttp *
 saga_http_create(void)
@@ -39,6 +81,13 @@ saga_http_create(void)
 	http->multi = curl_multi_init();
 	if (http->multi == NULL)
 		elog(ERROR, "curl_multi_init failed");
+	http->epfd = epoll_create1(EPOLL_CLOEXEC);
+	if (http->epfd < 0)
+		elog(ERROR, "epoll_create1 failed: %m");
+	curl_multi_setopt(http->multi, CURLMOPT_SOCKETFUNCTION, watch_socket);
+	curl_multi_setopt(http->multi, CURLMOPT_SOCKETDATA, http);
+	curl_multi_setopt(http->multi, CURLMOPT_TIMERFUNCTION, set_timer);
+	curl_multi_setopt(http->multi, CURLMOPT_TIMERDATA, http);
 	/* keep idle connections to every destination for reuse */
 	curl_multi_setopt(http->multi, CURLMOPT_MAXCONNECTS, 1024L);
 	dlist_init(&http->created);
@@ -199,51 +248,20 @@ saga_http_total_in_flight(SagaHttp *http)
 	return n;
 }
 
-/* The sockets libcurl waits on, as latch.h wait events. */
-int
-saga_http_wait_fds(SagaHttp *http, pgsocket *fds, uint32 *events, int max)
+/* A descriptor that becomes readable when a socket libcurl waits on is ready. */
+pgsocket
+saga_http_wait_fd(SagaHttp *http)
 {
-	fd_set		r,
-				w,
-				e;
-	int			maxfd = -1;
-	int			n = 0;
-
-	FD_ZERO(&r);
-	FD_ZERO(&w);
-	FD_ZERO(&e);
-	if (curl_multi_fdset(http->multi, &r, &w, &e, &maxfd) != CURLM_OK)
-		return 0;
-	for (int fd = 0; fd <= maxfd && n < max; fd++)
-	{
-		uint32		ev = 0;
-
-		if (FD_ISSET(fd, &r))
-			ev |= WL_SOCKET_READABLE;
-		if (FD_ISSET(fd, &w))
-			ev |= WL_SOCKET_WRITEABLE;
-		if (ev == 0)
-			continue;
-		fds[n] = fd;
-		events[n] = ev;
-		n++;
-	}
-	return n;
+	return http->epfd;
 }
 
-/* How long libcurl may wait before it needs to run; -1 when idle. */
+/* How long libcurl may wait before it needs to run; -1 when it has no timer. */
 long
 saga_http_timeout_ms(SagaHttp *http)
 {
-	long		timeout = -1;
-
-	if (dlist_is_empty(&http->running))
+	if (http->timer == 0)
 		return -1;
-	curl_multi_timeout(http->multi, &timeout);
-	/* running but nothing to wait on (a resolver thread): look again soon */
-	if (timeout < 0)
-		timeout = 100;
-	return timeout;
+	return Max(0, TimestampDifferenceMilliseconds(GetCurrentTimestamp(), http->timer));
 }
 
 static long
@@ -271,15 +289,38 @@ parse_retry_after(CURL *easy)
 #endif
 }
 
-/* Let libcurl move every transfer along; collect the ones that finished. */
+/* Let libcurl act on ready sockets and due timers; collect what finished. */
 void
 saga_http_perform(SagaHttp *http)
 {
+	struct epoll_event events[64];
 	int			running;
 	int			queued;
+	int			n;
 	CURLMsg    *msg;
 
-	curl_multi_perform(http->multi, &running);
+	while ((n = epoll_wait(http->epfd, events, lengthof(events), 0)) > 0)
+	{
+		for (int i = 0; i < n; i++)
+		{
+			int			flags = 0;
+
+			if (events[i].events & (EPOLLIN | EPOLLHUP))
+				flags |= CURL_CSELECT_IN;
+			if (events[i].events & EPOLLOUT)
+				flags |= CURL_CSELECT_OUT;
+			if (events[i].events & EPOLLERR)
+				flags |= CURL_CSELECT_ERR;
+			curl_multi_socket_action(http->multi, events[i].data.fd, flags, &running);
+		}
+		if (n < lengthof(events))
+			break;
+	}
+	if (http->timer != 0 && GetCurrentTimestamp() >= http->timer)
+	{
+		http->timer = 0;
+		curl_multi_socket_action(http->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+	}
 	while ((msg = curl_multi_info_read(http->multi, &queued)) != NULL)
 	{
 		SagaHttpRequest *req;

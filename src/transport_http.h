@@ -63,7 +63,7 @@ extern void saga_http_submit_new(SagaHttp *http);
 extern void saga_http_discard_new(SagaHttp *http);
 extern int	saga_http_in_flight(SagaHttp *http, const char *destination);
 extern int	saga_http_total_in_flight(SagaHttp *http);
-extern int	saga_http_wait_fds(SagaHttp *http, pgsocket *fds, uint32 *events, int max);
+extern pgsocket saga_http_wait_fd(SagaHttp *http);
 extern long saga_http_timeout_ms(SagaHttp *http);
 extern void saga_http_perform(SagaHttp *http);
 extern bool saga_http_has_completed(SagaHttp *http);

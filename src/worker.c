@@ -44,7 +44,6 @@
 /* at most this many NOTIFY batches per destination before looking at HTTP */
 #define NOTIFY_BATCHES_PER_CYCLE	8
 
-#define MAX_WAIT_FDS		1024
 #define RETENTION_SWEEP_MS	60000
 
 /*
@@ -58,10 +57,13 @@
  * The worker vacuums saga.queue itself once it has deleted this many rows
  * (and not more often than VACUUM_INTERVAL_MS): at thousands of messages a
  * second, waiting for autovacuum's next round lets the table grow by all the
- * rows deleted in between.
+ * rows deleted in between, and the claims walk their dead index entries.
  */
 #define VACUUM_AFTER_DELETES	20000
-#define VACUUM_INTERVAL_MS		2000
+#define VACUUM_INTERVAL_MS		1000
+/* ... and once it has been idle this long after deleting some */
+#define VACUUM_WHEN_IDLE_AFTER	1000
+#define VACUUM_IDLE_MS			1000
 
 static SagaWorkerSlot *my_slot = NULL;
 
@@ -74,8 +76,6 @@ static MemoryContext destinations_cxt = NULL;
 static List *destinations = NIL;
 static uint64 destinations_version = DESTINATIONS_STALE;
 
-/* the wait set used while no HTTP request is in flight */
-static WaitEventSet *idle_wait_set = NULL;
 
 /* rows deleted since the worker last vacuumed saga.queue */
 static uint64 deleted_since_vacuum = 0;
@@ -315,49 +315,39 @@ vacuum_queue(void)
 /*
  * Sleep until the latch is set (if with_latch), a socket libcurl waits on is
  * ready, or the timeout passes; then let libcurl run. Returns true if the
- * latch was set.
+ * latch was set. The two wait sets live as long as the worker.
  */
 static bool
 wait_for_work(SagaHttp *http, long timeout_ms, bool with_latch)
 {
-	pgsocket	fds[MAX_WAIT_FDS];
-	uint32		events[MAX_WAIT_FDS];
-	int			nfds = saga_http_wait_fds(http, fds, events, MAX_WAIT_FDS);
+	static WaitEventSet *with_latch_set = NULL;
+	static WaitEventSet *without_latch_set = NULL;
 	long		curl_timeout = saga_http_timeout_ms(http);
 	WaitEventSet *set;
-	WaitEvent	occurred[MAX_WAIT_FDS + 2];
+	WaitEvent	occurred[3];
 	bool		latch_set = false;
 	int			n;
+
+	if (with_latch_set == NULL)
+	{
+		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+		with_latch_set = SagaCreateWaitEventSet(3);
+		AddWaitEventToSet(with_latch_set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
+		AddWaitEventToSet(with_latch_set, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
+		AddWaitEventToSet(with_latch_set, WL_SOCKET_READABLE, saga_http_wait_fd(http), NULL, NULL);
+		without_latch_set = SagaCreateWaitEventSet(2);
+		AddWaitEventToSet(without_latch_set, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
+		AddWaitEventToSet(without_latch_set, WL_SOCKET_READABLE, saga_http_wait_fd(http), NULL, NULL);
+		MemoryContextSwitchTo(old);
+	}
+	set = with_latch ? with_latch_set : without_latch_set;
 
 	if (curl_timeout >= 0 && curl_timeout < timeout_ms)
 		timeout_ms = curl_timeout;
 
-	if (nfds == 0 && with_latch)
-	{
-		/* the common idle case: one set for the worker's life */
-		if (idle_wait_set == NULL)
-		{
-			MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
-
-			idle_wait_set = SagaCreateWaitEventSet(2);
-			AddWaitEventToSet(idle_wait_set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
-			AddWaitEventToSet(idle_wait_set, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
-			MemoryContextSwitchTo(old);
-		}
-		set = idle_wait_set;
-	}
-	else
-	{
-		set = SagaCreateWaitEventSet(nfds + 2);
-		if (with_latch)
-			AddWaitEventToSet(set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
-		AddWaitEventToSet(set, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
-		for (int i = 0; i < nfds; i++)
-			AddWaitEventToSet(set, events[i], fds[i], NULL, NULL);
-	}
-
 	set_state(SAGA_SLOT_IDLE);
-	n = WaitEventSetWait(set, timeout_ms, occurred, nfds + 2, PG_WAIT_EXTENSION);
+	n = WaitEventSetWait(set, timeout_ms, occurred, lengthof(occurred), PG_WAIT_EXTENSION);
 	for (int i = 0; i < n; i++)
 	{
 		if (occurred[i].events & WL_LATCH_SET)
@@ -366,12 +356,9 @@ wait_for_work(SagaHttp *http, long timeout_ms, bool with_latch)
 			latch_set = true;
 		}
 	}
-	if (set != idle_wait_set)
-		FreeWaitEventSet(set);
 	set_state(SAGA_SLOT_DISPATCHING);
 
-	if (saga_http_total_in_flight(http) > 0)
-		saga_http_perform(http);
+	saga_http_perform(http);
 	return latch_set;
 }
 
@@ -385,6 +372,8 @@ saga_worker_main(Datum arg)
 	static TimestampTz next_sweep;
 	static TimestampTz last_cycle;
 	static TimestampTz last_vacuum;
+	static TimestampTz last_delete;
+	static uint64 deleted_at_last_cycle;
 	sigjmp_buf	local_sigjmp_buf;
 
 	/* volatile: changed after sigsetjmp and read after a longjmp */
@@ -508,6 +497,16 @@ saga_worker_main(Datum arg)
 				last_vacuum = now;
 				vacuum_queue();
 			}
+			else if (deleted_since_vacuum != deleted_at_last_cycle)
+				last_delete = now;
+			else if (deleted_since_vacuum >= VACUUM_WHEN_IDLE_AFTER &&
+					 TimestampDifferenceExceeds(last_delete, now, VACUUM_IDLE_MS))
+			{
+				/* a burst is over: clean up after it before the next one */
+				last_vacuum = now;
+				vacuum_queue();
+			}
+			deleted_at_last_cycle = deleted_since_vacuum;
 			if (work)
 				next_poll = TimestampTzPlusMilliseconds(now, saga_poll_interval_ms);
 			/* wake up for the next retry or deliver_at, not a poll later */
@@ -515,21 +514,23 @@ saga_worker_main(Datum arg)
 				next_poll = next_due;
 		}
 
-		/* requests that finished while we submitted others are recorded now */
-		if (more || saga_http_has_completed(http))
+		if (more)
 			timeout = 0;
 		else
 		{
-			long		since = TimestampDifferenceMilliseconds(last_cycle, GetCurrentTimestamp());
+			TimestampTz hold_until = TimestampTzPlusMilliseconds(last_cycle, MIN_WAKE_INTERVAL_MS);
+			long		left;
 
-			timeout = Max(0, TimestampDifferenceMilliseconds(GetCurrentTimestamp(), next_poll));
-			if (since < MIN_WAKE_INTERVAL_MS && timeout > 0)
-			{
-				long		hold = Min(timeout, MIN_WAKE_INTERVAL_MS - since);
-
-				(void) wait_for_work(http, hold, false);
-				timeout = saga_http_has_completed(http) ? 0 : Max(0, timeout - hold);
-			}
+			/*
+			 * Hold off the next cycle until MIN_WAKE_INTERVAL_MS after the last
+			 * one, still driving libcurl: outcomes and wake-ups that arrive
+			 * meanwhile are handled by one cycle, not one cycle each.
+			 */
+			while ((left = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), hold_until)) > 0 &&
+				   GetCurrentTimestamp() < next_poll)
+				(void) wait_for_work(http, left, false);
+			timeout = saga_http_has_completed(http) ? 0 :
+				Max(0, TimestampDifferenceMilliseconds(GetCurrentTimestamp(), next_poll));
 		}
 		work = wait_for_work(http, timeout, true) || more;
 	}
