@@ -31,16 +31,28 @@
 /* how much longer than the request time-out a claim is leased */
 #define LEASE_MARGIN_MS			5000
 
+/*
+ * Prepare a statement once for the worker's life. cursor_options may force
+ * custom plans: the statements that pick due messages or match outcomes to
+ * rows have generic plans that scan the whole queue, and the plan cache would
+ * switch to them once the table's statistics change.
+ */
 static SPIPlanPtr
-prepare_kept(const char *sql, int nargs, Oid *argtypes)
+prepare_kept_with(const char *sql, int nargs, Oid *argtypes, int cursor_options)
 {
-	SPIPlanPtr	plan = SPI_prepare(sql, nargs, argtypes);
+	SPIPlanPtr	plan = SPI_prepare_cursor(sql, nargs, argtypes, cursor_options);
 
 	if (plan == NULL)
 		elog(ERROR, "SPI_prepare failed for saga worker query: %s",
 			 SPI_result_code_string(SPI_result));
 	SPI_keepplan(plan);
 	return plan;
+}
+
+static SPIPlanPtr
+prepare_kept(const char *sql, int nargs, Oid *argtypes)
+{
+	return prepare_kept_with(sql, nargs, argtypes, 0);
 }
 
 bool
@@ -291,14 +303,14 @@ saga_outbox_dispatch_notify(SagaDestination *dest, int limit)
 	{
 		Oid			types[2] = {TEXTOID, INT4OID};
 
-		plan = prepare_kept(
+		plan = prepare_kept_with(
 							"DELETE FROM saga.queue q"
 							" WHERE q.ctid = ANY (ARRAY(" DUE_HEADS("$2") "))"
 							"   AND q.status = 'pending'"
 							" RETURNING q.seq, jsonb_build_object('id', q.message_id, 'topic', q.topic,"
 							"   'key', q.key, 'payload', q.payload, 'headers', q.headers)::text,"
 							"   q.published_at",
-							2, types);
+							2, types, CURSOR_OPT_CUSTOM_PLAN);
 	}
 	args[0] = CStringGetTextDatum(dest->name);
 	while (sent < limit)
@@ -401,7 +413,7 @@ saga_outbox_claim_http(SagaHttp *http, SagaDestination *dest, int limit)
 	{
 		Oid			types[3] = {TEXTOID, INT4OID, INT4OID};
 
-		plan = prepare_kept(
+		plan = prepare_kept_with(
 							"UPDATE saga.queue q"
 							" SET lease_until = now() + $3 * interval '1 millisecond',"
 							"     attempts = q.attempts + 1"
@@ -410,7 +422,7 @@ saga_outbox_claim_http(SagaHttp *http, SagaDestination *dest, int limit)
 							" RETURNING q.message_id, q.attempts, q.topic, q.payload::text,"
 							"   ARRAY(SELECT h.key || ': ' || h.value FROM jsonb_each_text(q.headers) h),"
 							"   q.ctid",
-							3, types);
+							3, types, CURSOR_OPT_CUSTOM_PLAN);
 	}
 	args[0] = CStringGetTextDatum(dest->name);
 	args[1] = Int32GetDatum(limit);
@@ -512,7 +524,7 @@ saga_outbox_record_http(List *requests)
 		Oid			types[7] = {TIDARRAYOID, UUIDARRAYOID, INT4ARRAYOID, INT4ARRAYOID,
 		FLOAT8ARRAYOID, TEXTARRAYOID, INT4ARRAYOID};
 
-		plan = prepare_kept(
+		plan = prepare_kept_with(
 							"WITH u AS ("
 							"  SELECT * FROM unnest($1, $2, $3, $4, $5, $6, $7)"
 							"    AS u(tid, message_id, attempts, outcome, delay, error, http_status)),"
@@ -535,7 +547,7 @@ saga_outbox_record_http(List *requests)
 							"    AND q.status = 'pending'"
 							"  RETURNING 1)"
 							" SELECT (SELECT count(*) FROM delivered), (SELECT count(*) FROM failed)",
-							7, types);
+							7, types, CURSOR_OPT_CUSTOM_PLAN);
 	}
 
 	tids = palloc(sizeof(Datum) * n);
