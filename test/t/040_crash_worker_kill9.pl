@@ -10,6 +10,7 @@ use PostgreSQL::Test::Utils;
 use Test::More;
 use Time::HiRes qw(usleep);
 use SagaTest;
+use SagaCrash;
 
 my $node = saga_node('crash_worker', conf => "restart_after_crash = on\n");
 my ($port, $log, $rpid) = start_receiver();
@@ -108,33 +109,4 @@ sub worker_pid
 	  or return 0;
 	return $node->safe_psql('postgres',
 		"SELECT pid FROM pg_stat_activity WHERE backend_type = 'saga worker' AND datname = 'postgres'");
-}
-
-# Number of requests the receiver has logged, read incrementally.
-sub receiver_lines
-{
-	my ($log, $r) = @_;
-	return $r->{lines} unless -e $log;
-	open(my $fh, '<', $log) or die $!;
-	seek($fh, $r->{offset}, 0);
-	while (my $line = <$fh>)
-	{
-		last unless $line =~ /\n$/;
-		$r->{offset} += length($line);
-		$r->{lines}++;
-	}
-	close $fh;
-	return $r->{lines};
-}
-
-# Wait until the receiver has logged $target requests; false on time-out.
-sub wait_for_lines
-{
-	my ($log, $r, $target) = @_;
-	for (1 .. 50 * $PostgreSQL::Test::Utils::timeout_default)
-	{
-		return 1 if receiver_lines($log, $r) >= $target;
-		usleep(20_000);
-	}
-	return 0;
 }

@@ -10,6 +10,7 @@ use PostgreSQL::Test::Utils;
 use Test::More;
 use Time::HiRes qw(usleep);
 use SagaTest;
+use SagaCrash;
 
 my $node = saga_node('crash_immediate');
 my ($port, $log, $rpid) = start_receiver();
@@ -72,55 +73,3 @@ is_deeply(\@unexpected, [], 'no process was reported terminated by a signal');
 
 $node->stop;
 done_testing();
-
-# I3/I4: receiver keys cover the committed ids, and nothing else arrived.
-sub check_nothing_lost
-{
-	my ($node, $log, $rolled_back, $expected, $what) = @_;
-	my %committed = map { $_ => 1 } split /\n/,
-	  $node->safe_psql('postgres', 'SELECT id FROM committed_ids');
-	is(scalar(keys %committed), $expected, "$expected messages committed");
-	my %arrived;
-	$arrived{ $_->{headers}{'Idempotency-Key'} }++ for receiver_requests($log);
-
-	my @missing = grep { !$arrived{$_} } keys %committed;
-	is(scalar(@missing), 0, 'every committed message arrived at least once')
-	  or diag('missing, for example: ' . join(', ', @missing[ 0 .. ($#missing < 4 ? $#missing : 4) ]));
-	my @foreign = grep { !$committed{$_} } keys %arrived;
-	is(scalar(@foreign), 0, 'nothing arrived that was not committed');
-	is(scalar(grep { $arrived{$_} } @$rolled_back), 0,
-		'no id from a rolled-back transaction arrived');
-	my $dups = grep { $arrived{$_} > 1 } keys %arrived;
-	my $extra = 0;
-	$extra += $arrived{$_} - 1 for keys %arrived;
-	note("duplicates after $what: $dups ids delivered more than once, $extra extra requests");
-}
-
-# Number of requests the receiver has logged, read incrementally.
-sub receiver_lines
-{
-	my ($log, $r) = @_;
-	return $r->{lines} unless -e $log;
-	open(my $fh, '<', $log) or die $!;
-	seek($fh, $r->{offset}, 0);
-	while (my $line = <$fh>)
-	{
-		last unless $line =~ /\n$/;
-		$r->{offset} += length($line);
-		$r->{lines}++;
-	}
-	close $fh;
-	return $r->{lines};
-}
-
-# Wait until the receiver has logged $target requests; false on time-out.
-sub wait_for_lines
-{
-	my ($log, $r, $target) = @_;
-	for (1 .. 50 * $PostgreSQL::Test::Utils::timeout_default)
-	{
-		return 1 if receiver_lines($log, $r) >= $target;
-		usleep(20_000);
-	}
-	return 0;
-}
