@@ -4,26 +4,6 @@
 -- Dead letters are made by hand (UPDATE on saga.queue as superuser) on rows
 -- scheduled far in the future, so the worker never touches them first.
 
--- try(statement): 'ok', or the error it raised without source locations.
-CREATE FUNCTION pg_temp.try(stmt text) RETURNS text LANGUAGE plpgsql AS $$
-DECLARE
-	detail text;
-	hint text;
-	ctx text;
-BEGIN
-	EXECUTE stmt;
-	RETURN 'ok';
-EXCEPTION WHEN OTHERS THEN
-	GET STACKED DIAGNOSTICS detail = PG_EXCEPTION_DETAIL, hint = PG_EXCEPTION_HINT,
-		ctx = PG_EXCEPTION_CONTEXT;
-	ctx := regexp_replace(ctx, '(^|\n)(SQL statement|PL/pgSQL function) [^\n]*', '', 'g');
-	ctx := regexp_replace(ctx, '^\n+', '');
-	RETURN SQLSTATE || ': ' || SQLERRM
-		|| CASE WHEN detail <> '' THEN E'\nDETAIL: ' || detail ELSE '' END
-		|| CASE WHEN hint <> '' THEN E'\nHINT: ' || hint ELSE '' END
-		|| CASE WHEN ctx <> '' THEN E'\nCONTEXT: ' || ctx ELSE '' END;
-END $$;
-
 SELECT saga.create_destination('dl_a', 'http://127.0.0.1:1/a', '{"backoff": "1 hour", "max_backoff": "1 hour"}');
 SELECT saga.create_destination('dl_b', 'http://127.0.0.1:1/b', '{"backoff": "1 hour", "max_backoff": "1 hour"}');
 SELECT saga.create_destination('dl_other', 'http://127.0.0.1:1/o', '{"backoff": "1 hour", "max_backoff": "1 hour"}');
@@ -93,24 +73,24 @@ SELECT destination, status FROM saga.queue WHERE message_id = :'m_pending' ORDER
 \pset tuples_only on
 
 -- NULL and malformed ids
-SELECT pg_temp.try($$SELECT saga.redeliver(NULL)$$);
-SELECT pg_temp.try($$SELECT saga.redeliver(NULL, 'dl_a')$$);
-SELECT pg_temp.try($$SELECT saga.redeliver(NULL, NULL)$$);
-SELECT pg_temp.try($$SELECT saga.message(NULL)$$);
-SELECT pg_temp.try($$SELECT saga.redeliver('not-a-uuid')$$);
-SELECT pg_temp.try($$SELECT saga.message('')$$);
+SELECT try($$SELECT saga.redeliver(NULL)$$);
+SELECT try($$SELECT saga.redeliver(NULL, 'dl_a')$$);
+SELECT try($$SELECT saga.redeliver(NULL, NULL)$$);
+SELECT try($$SELECT saga.message(NULL)$$);
+SELECT try($$SELECT saga.redeliver('not-a-uuid')$$);
+SELECT try($$SELECT saga.message('')$$);
 
 -- unknown message ids
-SELECT pg_temp.try($$SELECT saga.redeliver('00000000-0000-7000-8000-000000000000')$$);
-SELECT pg_temp.try($$SELECT saga.redeliver('00000000-0000-7000-8000-000000000000', 'dl_a')$$);
-SELECT pg_temp.try($$SELECT saga.message('00000000-0000-7000-8000-000000000000')$$);
-SELECT pg_temp.try($$SELECT saga.message('ffffffff-ffff-ffff-ffff-ffffffffffff')$$);
+SELECT try($$SELECT saga.redeliver('00000000-0000-7000-8000-000000000000')$$);
+SELECT try($$SELECT saga.redeliver('00000000-0000-7000-8000-000000000000', 'dl_a')$$);
+SELECT try($$SELECT saga.message('00000000-0000-7000-8000-000000000000')$$);
+SELECT try($$SELECT saga.message('ffffffff-ffff-ffff-ffff-ffffffffffff')$$);
 
 -- unknown destinations (checked before the message)
-SELECT pg_temp.try($$SELECT saga.redeliver('00000000-0000-7000-8000-000000000000', 'dl_missing')$$);
-SELECT pg_temp.try(format('SELECT saga.redeliver(%L, %L)', :'m_pending', 'dl_missing'));
-SELECT pg_temp.try(format('SELECT saga.redeliver(%L, %L)', :'m_pending', ''));
-SELECT pg_temp.try(format('SELECT saga.redeliver(%L, %L)', :'m_pending', 'dl_a''; DELETE FROM saga.queue; --'));
+SELECT try($$SELECT saga.redeliver('00000000-0000-7000-8000-000000000000', 'dl_missing')$$);
+SELECT try(format('SELECT saga.redeliver(%L, %L)', :'m_pending', 'dl_missing'));
+SELECT try(format('SELECT saga.redeliver(%L, %L)', :'m_pending', ''));
+SELECT try(format('SELECT saga.redeliver(%L, %L)', :'m_pending', 'dl_a''; DELETE FROM saga.queue; --'));
 
 \pset format aligned
 \pset tuples_only off

@@ -1,27 +1,6 @@
 -- saga.create_destination and saga.drop_destination: what they store, and
 -- every bad argument, each shown with its SQLSTATE, message, detail and hint.
 
--- try(statement): 'ok', or the error it raised without source locations.
-CREATE FUNCTION pg_temp.try(stmt text) RETURNS text LANGUAGE plpgsql AS $$
-DECLARE
-	detail text;
-	hint text;
-	ctx text;
-BEGIN
-	EXECUTE stmt;
-	RETURN 'ok';
-EXCEPTION WHEN OTHERS THEN
-	GET STACKED DIAGNOSTICS detail = PG_EXCEPTION_DETAIL, hint = PG_EXCEPTION_HINT,
-		ctx = PG_EXCEPTION_CONTEXT;
-	-- keep context lines saga added; drop the frames of this function
-	ctx := regexp_replace(ctx, '(^|\n)(SQL statement|PL/pgSQL function) [^\n]*', '', 'g');
-	ctx := regexp_replace(ctx, '^\n+', '');
-	RETURN SQLSTATE || ': ' || SQLERRM
-		|| CASE WHEN detail <> '' THEN E'\nDETAIL: ' || detail ELSE '' END
-		|| CASE WHEN hint <> '' THEN E'\nHINT: ' || hint ELSE '' END
-		|| CASE WHEN ctx <> '' THEN E'\nCONTEXT: ' || ctx ELSE '' END;
-END $$;
-
 CREATE VIEW pg_temp.dests AS
 SELECT name, kind, target, headers, timeout, max_attempts, backoff, max_backoff, concurrency
 FROM saga.destinations WHERE name LIKE 'dst\_%' ORDER BY name;
@@ -47,124 +26,124 @@ SELECT * FROM pg_temp.dests;
 \pset tuples_only on
 
 -- NULL for each argument
-SELECT pg_temp.try($$SELECT saga.create_destination(NULL, 'notify:c')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', NULL)$$);
-SELECT pg_temp.try($$SELECT saga.create_destination(NULL, NULL, NULL)$$);
+SELECT try($$SELECT saga.create_destination(NULL, 'notify:c')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', NULL)$$);
+SELECT try($$SELECT saga.create_destination(NULL, NULL, NULL)$$);
 
 -- bad names: empty, too long, quotes, semicolons, spaces
-SELECT pg_temp.try($$SELECT saga.create_destination('', 'notify:c')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination(repeat('n', 64), 'notify:c')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_a''b', 'notify:c')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_a"b', 'notify:c')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x; DROP TABLE saga.queue', 'notify:c')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_a;b', 'notify:c')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst x', 'notify:c')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst/x', 'notify:c')$$);
+SELECT try($$SELECT saga.create_destination('', 'notify:c')$$);
+SELECT try($$SELECT saga.create_destination(repeat('n', 64), 'notify:c')$$);
+SELECT try($$SELECT saga.create_destination('dst_a''b', 'notify:c')$$);
+SELECT try($$SELECT saga.create_destination('dst_a"b', 'notify:c')$$);
+SELECT try($$SELECT saga.create_destination('dst_x; DROP TABLE saga.queue', 'notify:c')$$);
+SELECT try($$SELECT saga.create_destination('dst_a;b', 'notify:c')$$);
+SELECT try($$SELECT saga.create_destination('dst x', 'notify:c')$$);
+SELECT try($$SELECT saga.create_destination('dst/x', 'notify:c')$$);
 
 -- duplicate names
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_http', 'http://127.0.0.1:1/other')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_notify', 'notify:dst_channel')$$);
+SELECT try($$SELECT saga.create_destination('dst_http', 'http://127.0.0.1:1/other')$$);
+SELECT try($$SELECT saga.create_destination('dst_notify', 'notify:dst_channel')$$);
 
 -- malformed URLs
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', '')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'example.com/hook')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', '127.0.0.1:8080')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'ftp://example.com/file')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'file:///etc/passwd')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'gopher://127.0.0.1:70/')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'https://')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://:8080/hook')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http:')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', '')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'example.com/hook')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', '127.0.0.1:8080')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'ftp://example.com/file')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'file:///etc/passwd')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'gopher://127.0.0.1:70/')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'https://')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://:8080/hook')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http:')$$);
 -- no host: an empty host variable in "http://${HOST}/orders" must not
 -- become a request to the host "orders"
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http:///orders')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http:/orders')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://exa mple.com/')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://example.com:99999/')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', E'http://example.com/\r\nX-Evil: 1')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', '::not a url::')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http//example.com')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http:///orders')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http:/orders')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://exa mple.com/')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://example.com:99999/')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', E'http://example.com/\r\nX-Evil: 1')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', '::not a url::')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http//example.com')$$);
 
 -- libpq destinations come later
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'postgresql://localhost/orders')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'postgres://u@db.internal:5432/orders')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'postgresql://localhost/orders')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'postgres://u@db.internal:5432/orders')$$);
 
 -- NOTIFY channels: empty, too long; headers make no sense there
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'notify:')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'notify:' || repeat('c', 64))$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'notify:c', '{"headers": {"A": "b"}}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'notify:')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'notify:' || repeat('c', 64))$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'notify:c', '{"headers": {"A": "b"}}')$$);
 
 -- options that are not an object
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '[]')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '"10s"')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', 'null')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '42')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '[]')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '"10s"')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', 'null')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '42')$$);
 
 -- unknown option
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"retries": 3}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"Timeout": "1s"}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"retries": 3}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"Timeout": "1s"}')$$);
 
 -- durations: wrong JSON types, not an interval, zero, negative, too long
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"timeout": true}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"timeout": null}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"timeout": [10]}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"timeout": {"s": 10}}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"timeout": "ten seconds"}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"timeout": 0}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"timeout": "0s"}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"timeout": -1}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"timeout": "-5 seconds"}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"timeout": "2 days"}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"timeout": "1 year"}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"timeout": 1e300}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"timeout": "infinity"}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"backoff": -0.5}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"backoff": "0"}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"max_backoff": "25 hours"}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"max_backoff": false}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"timeout": true}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"timeout": null}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"timeout": [10]}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"timeout": {"s": 10}}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"timeout": "ten seconds"}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"timeout": 0}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"timeout": "0s"}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"timeout": -1}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"timeout": "-5 seconds"}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"timeout": "2 days"}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"timeout": "1 year"}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"timeout": 1e300}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"timeout": "infinity"}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"backoff": -0.5}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"backoff": "0"}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"max_backoff": "25 hours"}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"max_backoff": false}')$$);
 
 -- backoff longer than max_backoff, also against the default max_backoff of 5 min
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"backoff": "10 min", "max_backoff": "1 min"}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"backoff": "10 min"}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"max_backoff": "0.5s"}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"backoff": "10 min", "max_backoff": "1 min"}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"backoff": "10 min"}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"max_backoff": "0.5s"}')$$);
 
 -- integers: fractions, strings, out of range, wrong types
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"max_attempts": 2.5}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"max_attempts": "3"}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"max_attempts": 0}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"max_attempts": -3}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"max_attempts": 1001}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"max_attempts": 1e30}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"max_attempts": null}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"concurrency": 0}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"concurrency": {}}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"concurrency": true}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"max_attempts": 2.5}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"max_attempts": "3"}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"max_attempts": 0}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"max_attempts": -3}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"max_attempts": 1001}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"max_attempts": 1e30}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"max_attempts": null}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"concurrency": 0}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"concurrency": {}}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"concurrency": true}')$$);
 
 -- headers: not an object, non-string values, bad names, line breaks,
 -- names saga sets itself, too large
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"headers": "Authorization: x"}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"headers": ["A", "b"]}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"headers": null}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"headers": {"X-Count": 1}}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"headers": {"X-Flag": true}}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"headers": {"X-Null": null}}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"headers": {"X-Obj": {"a": "b"}}}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"headers": {"X-A": "v\r\nX-Injected: 1"}}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"headers": {"X-A": "v\nX-Injected: 1"}}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"headers": {"X-A": "v\rX-Injected: 1"}}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"headers": {"X-A\r\nX-Injected": "1"}}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"headers": {"X A": "1"}}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"headers": {"X-A:": "1"}}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"headers": {"": "1"}}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"headers": {"Idempotency-Key": "fixed"}}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"headers": {"idempotency-key": "fixed"}}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"headers": {"Saga-Topic": "t"}}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"headers": {"Content-Type": "text/plain"}}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"headers": {"Content-Length": "0"}}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"headers": {"HOST": "evil.example"}}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"headers": {"Transfer-Encoding": "chunked"}}')$$);
-SELECT pg_temp.try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', jsonb_build_object('headers', jsonb_build_object('X-Big', repeat('v', 3000))))$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"headers": "Authorization: x"}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"headers": ["A", "b"]}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"headers": null}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"headers": {"X-Count": 1}}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"headers": {"X-Flag": true}}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"headers": {"X-Null": null}}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"headers": {"X-Obj": {"a": "b"}}}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"headers": {"X-A": "v\r\nX-Injected: 1"}}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"headers": {"X-A": "v\nX-Injected: 1"}}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"headers": {"X-A": "v\rX-Injected: 1"}}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"headers": {"X-A\r\nX-Injected": "1"}}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"headers": {"X A": "1"}}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"headers": {"X-A:": "1"}}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"headers": {"": "1"}}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"headers": {"Idempotency-Key": "fixed"}}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"headers": {"idempotency-key": "fixed"}}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"headers": {"Saga-Topic": "t"}}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"headers": {"Content-Type": "text/plain"}}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"headers": {"Content-Length": "0"}}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"headers": {"HOST": "evil.example"}}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', '{"headers": {"Transfer-Encoding": "chunked"}}')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'http://127.0.0.1:1/x', jsonb_build_object('headers', jsonb_build_object('X-Big', repeat('v', 3000))))$$);
 
 \pset format aligned
 \pset tuples_only off
@@ -176,11 +155,11 @@ SELECT * FROM pg_temp.dests;
 -- drop_destination: bad arguments
 \pset format unaligned
 \pset tuples_only on
-SELECT pg_temp.try($$SELECT saga.drop_destination(NULL)$$);
-SELECT pg_temp.try($$SELECT saga.drop_destination('')$$);
-SELECT pg_temp.try($$SELECT saga.drop_destination('dst_missing')$$);
-SELECT pg_temp.try($$SELECT saga.drop_destination('dst_http; DROP TABLE saga.queue')$$);
-SELECT pg_temp.try($$SELECT saga.drop_destination('DST_HTTP')$$);
+SELECT try($$SELECT saga.drop_destination(NULL)$$);
+SELECT try($$SELECT saga.drop_destination('')$$);
+SELECT try($$SELECT saga.drop_destination('dst_missing')$$);
+SELECT try($$SELECT saga.drop_destination('dst_http; DROP TABLE saga.queue')$$);
+SELECT try($$SELECT saga.drop_destination('DST_HTTP')$$);
 \pset format aligned
 \pset tuples_only off
 
@@ -189,7 +168,7 @@ SELECT saga.subscribe('dst.topic', 'dst_notify');
 SELECT saga.subscribe('dst.*', 'dst_notify');
 SELECT saga.drop_destination('dst_notify');
 SELECT count(*) AS subscriptions_left FROM saga.subscriptions WHERE destination = 'dst_notify';
-SELECT pg_temp.try($$SELECT saga.drop_destination('dst_notify')$$) AS second_drop;
+SELECT try($$SELECT saga.drop_destination('dst_notify')$$) AS second_drop;
 -- the name can be used again
 SELECT saga.create_destination('dst_notify', 'notify:dst_other');
 SELECT kind, target FROM saga.destinations WHERE name = 'dst_notify';
@@ -201,7 +180,7 @@ SELECT saga.publish('dst.pending', '{"n": 1}', deliver_at => now() + interval '1
 SELECT saga.publish('dst.pending', '{"n": 2}', deliver_at => now() + interval '1 day') IS NOT NULL AS published;
 \pset format unaligned
 \pset tuples_only on
-SELECT pg_temp.try($$SELECT saga.drop_destination('dst_http')$$);
+SELECT try($$SELECT saga.drop_destination('dst_http')$$);
 \pset format aligned
 \pset tuples_only off
 SELECT count(*) AS still_there FROM saga.destinations WHERE name = 'dst_http';
@@ -214,7 +193,7 @@ WHERE destination = 'dst_http' AND payload = '{"n": 1}'
 RETURNING message_id AS dead_id \gset
 \pset format unaligned
 \pset tuples_only on
-SELECT pg_temp.try($$SELECT saga.drop_destination('dst_http')$$);
+SELECT try($$SELECT saga.drop_destination('dst_http')$$);
 \pset format aligned
 \pset tuples_only off
 DELETE FROM saga.queue WHERE destination = 'dst_http' AND status = 'pending';
@@ -223,7 +202,7 @@ SELECT count(*) AS gone FROM saga.destinations WHERE name = 'dst_http';
 -- the dead letter stays visible, but cannot be requeued to a missing destination
 SELECT topic, destination, last_error FROM saga.dead_letters WHERE destination = 'dst_http';
 SELECT saga.redeliver(:'dead_id') AS requeued;
-SELECT pg_temp.try(format('SELECT saga.redeliver(%L, %L)', :'dead_id', 'dst_http')) AS requeue_to_dropped;
+SELECT try(format('SELECT saga.redeliver(%L, %L)', :'dead_id', 'dst_http')) AS requeue_to_dropped;
 SELECT count(*) AS still_dead FROM saga.dead_letters WHERE destination = 'dst_http';
 DELETE FROM saga.queue WHERE destination = 'dst_http';
 

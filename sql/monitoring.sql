@@ -1,26 +1,6 @@
 -- Operating it: saga.worker_status(), saga.metrics(), and the columns and
 -- statuses of the views saga.outbox and saga.dead_letters.
 
--- try(statement): 'ok', or the error it raised without source locations.
-CREATE FUNCTION pg_temp.try(stmt text) RETURNS text LANGUAGE plpgsql AS $$
-DECLARE
-	detail text;
-	hint text;
-	ctx text;
-BEGIN
-	EXECUTE stmt;
-	RETURN 'ok';
-EXCEPTION WHEN OTHERS THEN
-	GET STACKED DIAGNOSTICS detail = PG_EXCEPTION_DETAIL, hint = PG_EXCEPTION_HINT,
-		ctx = PG_EXCEPTION_CONTEXT;
-	ctx := regexp_replace(ctx, '(^|\n)(SQL statement|PL/pgSQL function) [^\n]*', '', 'g');
-	ctx := regexp_replace(ctx, '^\n+', '');
-	RETURN SQLSTATE || ': ' || SQLERRM
-		|| CASE WHEN detail <> '' THEN E'\nDETAIL: ' || detail ELSE '' END
-		|| CASE WHEN hint <> '' THEN E'\nHINT: ' || hint ELSE '' END
-		|| CASE WHEN ctx <> '' THEN E'\nCONTEXT: ' || ctx ELSE '' END;
-END $$;
-
 -- Wait (up to 60 s, polling) until this database's worker is running.
 DO $$
 BEGIN
@@ -117,9 +97,9 @@ SET ROLE regress_saga_monitor;
 SELECT count(*) > 0 AS sees_workers FROM saga.worker_status();
 \pset format unaligned
 \pset tuples_only on
-SELECT pg_temp.try($$SELECT * FROM saga.metrics()$$);
-SELECT pg_temp.try($$SELECT * FROM saga.outbox$$);
-SELECT pg_temp.try($$SELECT * FROM saga.dead_letters$$);
+SELECT try($$SELECT * FROM saga.metrics()$$);
+SELECT try($$SELECT * FROM saga.outbox$$);
+SELECT try($$SELECT * FROM saga.dead_letters$$);
 \pset format aligned
 \pset tuples_only off
 RESET ROLE;

@@ -6,26 +6,6 @@
 -- publishing transaction (the worker cannot see them yet) or are scheduled
 -- in the future; destinations point at a closed port with a long backoff.
 
--- try(statement): 'ok', or the error it raised without source locations.
-CREATE FUNCTION pg_temp.try(stmt text) RETURNS text LANGUAGE plpgsql AS $$
-DECLARE
-	detail text;
-	hint text;
-	ctx text;
-BEGIN
-	EXECUTE stmt;
-	RETURN 'ok';
-EXCEPTION WHEN OTHERS THEN
-	GET STACKED DIAGNOSTICS detail = PG_EXCEPTION_DETAIL, hint = PG_EXCEPTION_HINT,
-		ctx = PG_EXCEPTION_CONTEXT;
-	ctx := regexp_replace(ctx, '(^|\n)(SQL statement|PL/pgSQL function) [^\n]*', '', 'g');
-	ctx := regexp_replace(ctx, '^\n+', '');
-	RETURN SQLSTATE || ': ' || SQLERRM
-		|| CASE WHEN detail <> '' THEN E'\nDETAIL: ' || detail ELSE '' END
-		|| CASE WHEN hint <> '' THEN E'\nHINT: ' || hint ELSE '' END
-		|| CASE WHEN ctx <> '' THEN E'\nCONTEXT: ' || ctx ELSE '' END;
-END $$;
-
 SELECT saga.create_destination('pub_a', 'http://127.0.0.1:1/a', '{"backoff": "1 hour", "max_backoff": "1 hour"}');
 SELECT saga.create_destination('pub_b', 'http://127.0.0.1:1/b', '{"backoff": "1 hour", "max_backoff": "1 hour"}');
 SELECT saga.create_destination('pub_all', 'http://127.0.0.1:1/all', '{"backoff": "1 hour", "max_backoff": "1 hour"}');
@@ -78,7 +58,7 @@ WHERE message_id IN (:'m1', :'m_later', :'m_earlier', :'m_sp2');
 SELECT saga.unsubscribe('*', 'pub_all');
 SELECT saga.publish('pub.nobody.listens', '{"x": 1}') AS m_none \gset
 SELECT count(*) AS queued FROM saga.queue WHERE message_id = :'m_none';
-SELECT pg_temp.try(format('SELECT saga.message(%L)', :'m_none')) ~ '^42704: message [0-9a-f-]{36} not found' AS message_not_found;
+SELECT try(format('SELECT saga.message(%L)', :'m_none')) ~ '^42704: message [0-9a-f-]{36} not found' AS message_not_found;
 
 -- Message ids: UUID version 7, RFC 9562 variant, strictly increasing.
 WITH ids AS (
@@ -113,58 +93,58 @@ SELECT saga.subscribe('pub.t', 'pub_a');
 \pset tuples_only on
 
 -- NULL where a value is needed
-SELECT pg_temp.try($$SELECT saga.publish(NULL, '{}')$$);
-SELECT pg_temp.try($$SELECT saga.publish('pub.t', NULL)$$);
-SELECT pg_temp.try($$SELECT saga.publish(NULL, NULL, NULL, NULL, NULL)$$);
+SELECT try($$SELECT saga.publish(NULL, '{}')$$);
+SELECT try($$SELECT saga.publish('pub.t', NULL)$$);
+SELECT try($$SELECT saga.publish(NULL, NULL, NULL, NULL, NULL)$$);
 
 -- bad topics: empty, spaces, control characters, "*", too long
-SELECT pg_temp.try($$SELECT saga.publish('', '{}')$$);
-SELECT pg_temp.try($$SELECT saga.publish('pub order placed', '{}')$$);
-SELECT pg_temp.try($$SELECT saga.publish(' pub.t', '{}')$$);
-SELECT pg_temp.try($$SELECT saga.publish(E'pub.t\r\nX-Injected: 1', '{}')$$);
-SELECT pg_temp.try($$SELECT saga.publish('pub.order.*', '{}')$$);
-SELECT pg_temp.try($$SELECT saga.publish('*', '{}')$$);
-SELECT pg_temp.try($$SELECT saga.publish('pub.*.placed', '{}')$$);
-SELECT pg_temp.try($$SELECT saga.publish('pub.' || repeat('t', 197), '{}')$$);
+SELECT try($$SELECT saga.publish('', '{}')$$);
+SELECT try($$SELECT saga.publish('pub order placed', '{}')$$);
+SELECT try($$SELECT saga.publish(' pub.t', '{}')$$);
+SELECT try($$SELECT saga.publish(E'pub.t\r\nX-Injected: 1', '{}')$$);
+SELECT try($$SELECT saga.publish('pub.order.*', '{}')$$);
+SELECT try($$SELECT saga.publish('*', '{}')$$);
+SELECT try($$SELECT saga.publish('pub.*.placed', '{}')$$);
+SELECT try($$SELECT saga.publish('pub.' || repeat('t', 197), '{}')$$);
 
 -- keys: empty, too long (bytes, not characters)
-SELECT pg_temp.try($$SELECT saga.publish('pub.t', '{}', '')$$);
-SELECT pg_temp.try($$SELECT saga.publish('pub.t', '{}', repeat('k', 513))$$);
-SELECT pg_temp.try($$SELECT saga.publish('pub.t', '{}', repeat('é', 257))$$);
-SELECT pg_temp.try($$SELECT saga.publish('pub.t', '{}', repeat('k', 512))$$);
+SELECT try($$SELECT saga.publish('pub.t', '{}', '')$$);
+SELECT try($$SELECT saga.publish('pub.t', '{}', repeat('k', 513))$$);
+SELECT try($$SELECT saga.publish('pub.t', '{}', repeat('é', 257))$$);
+SELECT try($$SELECT saga.publish('pub.t', '{}', repeat('k', 512))$$);
 
 -- payload larger than saga.max_payload_size
 SET saga.max_payload_size = '1kB';
-SELECT pg_temp.try($$SELECT saga.publish('pub.t', jsonb_build_object('x', repeat('p', 1100)))$$);
-SELECT pg_temp.try($$SELECT saga.publish('pub.t', jsonb_build_object('x', repeat('p', 900)))$$);
+SELECT try($$SELECT saga.publish('pub.t', jsonb_build_object('x', repeat('p', 1100)))$$);
+SELECT try($$SELECT saga.publish('pub.t', jsonb_build_object('x', repeat('p', 900)))$$);
 RESET saga.max_payload_size;
-SELECT pg_temp.try($$SELECT saga.publish('pub.t', jsonb_build_object('x', repeat('p', 1100000)))$$);
+SELECT try($$SELECT saga.publish('pub.t', jsonb_build_object('x', repeat('p', 1100000)))$$);
 
 -- headers: not an object, non-string values, bad names, line breaks,
 -- reserved names, too large
-SELECT pg_temp.try($$SELECT saga.publish('pub.t', '{}', NULL, '[]')$$);
-SELECT pg_temp.try($$SELECT saga.publish('pub.t', '{}', NULL, '"X-A: 1"')$$);
-SELECT pg_temp.try($$SELECT saga.publish('pub.t', '{}', NULL, 'null')$$);
-SELECT pg_temp.try($$SELECT saga.publish('pub.t', '{}', NULL, '{"X-N": 1}')$$);
-SELECT pg_temp.try($$SELECT saga.publish('pub.t', '{}', NULL, '{"X-N": null}')$$);
-SELECT pg_temp.try($$SELECT saga.publish('pub.t', '{}', NULL, '{"X-N": ["a"]}')$$);
-SELECT pg_temp.try($$SELECT saga.publish('pub.t', '{}', NULL, '{"X-A": "v\r\nX-Injected: 1"}')$$);
-SELECT pg_temp.try($$SELECT saga.publish('pub.t', '{}', NULL, '{"X-A": "v\nX-Injected: 1"}')$$);
-SELECT pg_temp.try($$SELECT saga.publish('pub.t', '{}', NULL, '{"X-A\r\nX-Injected": "1"}')$$);
-SELECT pg_temp.try($$SELECT saga.publish('pub.t', '{}', NULL, '{"X A": "1"}')$$);
-SELECT pg_temp.try($$SELECT saga.publish('pub.t', '{}', NULL, '{"": "1"}')$$);
-SELECT pg_temp.try($$SELECT saga.publish('pub.t', '{}', NULL, '{"Idempotency-Key": "mine"}')$$);
-SELECT pg_temp.try($$SELECT saga.publish('pub.t', '{}', NULL, '{"IDEMPOTENCY-KEY": "mine"}')$$);
-SELECT pg_temp.try($$SELECT saga.publish('pub.t', '{}', NULL, '{"Saga-Topic": "other"}')$$);
-SELECT pg_temp.try($$SELECT saga.publish('pub.t', '{}', NULL, '{"content-type": "text/xml"}')$$);
-SELECT pg_temp.try($$SELECT saga.publish('pub.t', '{}', NULL, '{"Host": "evil.example"}')$$);
-SELECT pg_temp.try($$SELECT saga.publish('pub.t', '{}', NULL, '{"Connection": "close"}')$$);
-SELECT pg_temp.try($$SELECT saga.publish('pub.t', '{}', NULL, '{"Expect": "100-continue"}')$$);
-SELECT pg_temp.try($$SELECT saga.publish('pub.t', '{}', NULL, jsonb_build_object('X-Big', repeat('v', 3000)))$$);
+SELECT try($$SELECT saga.publish('pub.t', '{}', NULL, '[]')$$);
+SELECT try($$SELECT saga.publish('pub.t', '{}', NULL, '"X-A: 1"')$$);
+SELECT try($$SELECT saga.publish('pub.t', '{}', NULL, 'null')$$);
+SELECT try($$SELECT saga.publish('pub.t', '{}', NULL, '{"X-N": 1}')$$);
+SELECT try($$SELECT saga.publish('pub.t', '{}', NULL, '{"X-N": null}')$$);
+SELECT try($$SELECT saga.publish('pub.t', '{}', NULL, '{"X-N": ["a"]}')$$);
+SELECT try($$SELECT saga.publish('pub.t', '{}', NULL, '{"X-A": "v\r\nX-Injected: 1"}')$$);
+SELECT try($$SELECT saga.publish('pub.t', '{}', NULL, '{"X-A": "v\nX-Injected: 1"}')$$);
+SELECT try($$SELECT saga.publish('pub.t', '{}', NULL, '{"X-A\r\nX-Injected": "1"}')$$);
+SELECT try($$SELECT saga.publish('pub.t', '{}', NULL, '{"X A": "1"}')$$);
+SELECT try($$SELECT saga.publish('pub.t', '{}', NULL, '{"": "1"}')$$);
+SELECT try($$SELECT saga.publish('pub.t', '{}', NULL, '{"Idempotency-Key": "mine"}')$$);
+SELECT try($$SELECT saga.publish('pub.t', '{}', NULL, '{"IDEMPOTENCY-KEY": "mine"}')$$);
+SELECT try($$SELECT saga.publish('pub.t', '{}', NULL, '{"Saga-Topic": "other"}')$$);
+SELECT try($$SELECT saga.publish('pub.t', '{}', NULL, '{"content-type": "text/xml"}')$$);
+SELECT try($$SELECT saga.publish('pub.t', '{}', NULL, '{"Host": "evil.example"}')$$);
+SELECT try($$SELECT saga.publish('pub.t', '{}', NULL, '{"Connection": "close"}')$$);
+SELECT try($$SELECT saga.publish('pub.t', '{}', NULL, '{"Expect": "100-continue"}')$$);
+SELECT try($$SELECT saga.publish('pub.t', '{}', NULL, jsonb_build_object('X-Big', repeat('v', 3000)))$$);
 
 -- deliver_at must be a real point in time
-SELECT pg_temp.try($$SELECT saga.publish('pub.t', '{}', NULL, NULL, 'infinity')$$);
-SELECT pg_temp.try($$SELECT saga.publish('pub.t', '{}', NULL, NULL, '-infinity')$$);
+SELECT try($$SELECT saga.publish('pub.t', '{}', NULL, NULL, 'infinity')$$);
+SELECT try($$SELECT saga.publish('pub.t', '{}', NULL, NULL, '-infinity')$$);
 
 \pset format aligned
 \pset tuples_only off

@@ -1,26 +1,6 @@
 -- saga.subscribe and saga.unsubscribe: patterns, duplicates, and every bad
 -- argument with its SQLSTATE and message.
 
--- try(statement): 'ok', or the error it raised without source locations.
-CREATE FUNCTION pg_temp.try(stmt text) RETURNS text LANGUAGE plpgsql AS $$
-DECLARE
-	detail text;
-	hint text;
-	ctx text;
-BEGIN
-	EXECUTE stmt;
-	RETURN 'ok';
-EXCEPTION WHEN OTHERS THEN
-	GET STACKED DIAGNOSTICS detail = PG_EXCEPTION_DETAIL, hint = PG_EXCEPTION_HINT,
-		ctx = PG_EXCEPTION_CONTEXT;
-	ctx := regexp_replace(ctx, '(^|\n)(SQL statement|PL/pgSQL function) [^\n]*', '', 'g');
-	ctx := regexp_replace(ctx, '^\n+', '');
-	RETURN SQLSTATE || ': ' || SQLERRM
-		|| CASE WHEN detail <> '' THEN E'\nDETAIL: ' || detail ELSE '' END
-		|| CASE WHEN hint <> '' THEN E'\nHINT: ' || hint ELSE '' END
-		|| CASE WHEN ctx <> '' THEN E'\nCONTEXT: ' || ctx ELSE '' END;
-END $$;
-
 CREATE VIEW pg_temp.subs AS
 SELECT CASE WHEN octet_length(pattern) > 40
             THEN left(pattern, 16) || '...(' || octet_length(pattern) || ' bytes)'
@@ -54,49 +34,49 @@ SELECT count(*) AS once FROM saga.subscriptions WHERE pattern = 'sub.order.place
 \pset tuples_only on
 
 -- NULL for each argument
-SELECT pg_temp.try($$SELECT saga.subscribe(NULL, 'sub_a')$$);
-SELECT pg_temp.try($$SELECT saga.subscribe('sub.t', NULL)$$);
-SELECT pg_temp.try($$SELECT saga.unsubscribe(NULL, 'sub_a')$$);
-SELECT pg_temp.try($$SELECT saga.unsubscribe('sub.t', NULL)$$);
+SELECT try($$SELECT saga.subscribe(NULL, 'sub_a')$$);
+SELECT try($$SELECT saga.subscribe('sub.t', NULL)$$);
+SELECT try($$SELECT saga.unsubscribe(NULL, 'sub_a')$$);
+SELECT try($$SELECT saga.unsubscribe('sub.t', NULL)$$);
 
 -- empty strings
-SELECT pg_temp.try($$SELECT saga.subscribe('', 'sub_a')$$);
-SELECT pg_temp.try($$SELECT saga.subscribe('sub.t', '')$$);
-SELECT pg_temp.try($$SELECT saga.unsubscribe('', 'sub_a')$$);
-SELECT pg_temp.try($$SELECT saga.unsubscribe('sub.t', '')$$);
+SELECT try($$SELECT saga.subscribe('', 'sub_a')$$);
+SELECT try($$SELECT saga.subscribe('sub.t', '')$$);
+SELECT try($$SELECT saga.unsubscribe('', 'sub_a')$$);
+SELECT try($$SELECT saga.unsubscribe('sub.t', '')$$);
 
 -- unknown destinations, including names that look like SQL
-SELECT pg_temp.try($$SELECT saga.subscribe('sub.t', 'sub_missing')$$);
-SELECT pg_temp.try($$SELECT saga.subscribe('sub.t', 'SUB_A')$$);
-SELECT pg_temp.try($$SELECT saga.subscribe('sub.t', 'sub_a''; DELETE FROM saga.subscriptions; --')$$);
-SELECT pg_temp.try($$SELECT saga.unsubscribe('sub.order.*', 'sub_missing')$$);
+SELECT try($$SELECT saga.subscribe('sub.t', 'sub_missing')$$);
+SELECT try($$SELECT saga.subscribe('sub.t', 'SUB_A')$$);
+SELECT try($$SELECT saga.subscribe('sub.t', 'sub_a''; DELETE FROM saga.subscriptions; --')$$);
+SELECT try($$SELECT saga.unsubscribe('sub.order.*', 'sub_missing')$$);
 
 -- spaces and control characters
-SELECT pg_temp.try($$SELECT saga.subscribe('sub order', 'sub_a')$$);
-SELECT pg_temp.try($$SELECT saga.subscribe(' sub.order', 'sub_a')$$);
-SELECT pg_temp.try($$SELECT saga.subscribe('sub.order ', 'sub_a')$$);
-SELECT pg_temp.try($$SELECT saga.subscribe(E'sub.\torder', 'sub_a')$$);
-SELECT pg_temp.try($$SELECT saga.subscribe(E'sub.order\n', 'sub_a')$$);
-SELECT replace(pg_temp.try($$SELECT saga.subscribe(E'sub.\x7Forder', 'sub_a')$$), E'\x7F', '<DEL>');
+SELECT try($$SELECT saga.subscribe('sub order', 'sub_a')$$);
+SELECT try($$SELECT saga.subscribe(' sub.order', 'sub_a')$$);
+SELECT try($$SELECT saga.subscribe('sub.order ', 'sub_a')$$);
+SELECT try($$SELECT saga.subscribe(E'sub.\torder', 'sub_a')$$);
+SELECT try($$SELECT saga.subscribe(E'sub.order\n', 'sub_a')$$);
+SELECT replace(try($$SELECT saga.subscribe(E'sub.\x7Forder', 'sub_a')$$), E'\x7F', '<DEL>');
 
 -- "*" anywhere but at the end
-SELECT pg_temp.try($$SELECT saga.subscribe('*.placed', 'sub_a')$$);
-SELECT pg_temp.try($$SELECT saga.subscribe('sub.*.placed', 'sub_a')$$);
-SELECT pg_temp.try($$SELECT saga.subscribe('sub.**', 'sub_a')$$);
-SELECT pg_temp.try($$SELECT saga.subscribe('**', 'sub_a')$$);
-SELECT pg_temp.try($$SELECT saga.subscribe('sub*x', 'sub_a')$$);
+SELECT try($$SELECT saga.subscribe('*.placed', 'sub_a')$$);
+SELECT try($$SELECT saga.subscribe('sub.*.placed', 'sub_a')$$);
+SELECT try($$SELECT saga.subscribe('sub.**', 'sub_a')$$);
+SELECT try($$SELECT saga.subscribe('**', 'sub_a')$$);
+SELECT try($$SELECT saga.subscribe('sub*x', 'sub_a')$$);
 
 -- too long: 201 bytes, also when the 201st byte is the "*"
-SELECT pg_temp.try($$SELECT saga.subscribe('sub.' || repeat('t', 197), 'sub_a')$$);
-SELECT pg_temp.try($$SELECT saga.subscribe('sub.' || repeat('t', 196) || '*', 'sub_a')$$);
-SELECT pg_temp.try($$SELECT saga.subscribe(repeat('ü', 101), 'sub_a')$$);
+SELECT try($$SELECT saga.subscribe('sub.' || repeat('t', 197), 'sub_a')$$);
+SELECT try($$SELECT saga.subscribe('sub.' || repeat('t', 196) || '*', 'sub_a')$$);
+SELECT try($$SELECT saga.subscribe(repeat('ü', 101), 'sub_a')$$);
 
 -- unsubscribing what is not subscribed
-SELECT pg_temp.try($$SELECT saga.unsubscribe('sub.never', 'sub_a')$$);
+SELECT try($$SELECT saga.unsubscribe('sub.never', 'sub_a')$$);
 -- a pattern is matched as written, not as a wildcard
-SELECT pg_temp.try($$SELECT saga.unsubscribe('sub.order.placed', 'sub_b')$$);
-SELECT pg_temp.try($$SELECT saga.unsubscribe('sub.order.%', 'sub_a')$$);
-SELECT pg_temp.try($$SELECT saga.unsubscribe('sub.*', 'sub_a')$$);
+SELECT try($$SELECT saga.unsubscribe('sub.order.placed', 'sub_b')$$);
+SELECT try($$SELECT saga.unsubscribe('sub.order.%', 'sub_a')$$);
+SELECT try($$SELECT saga.unsubscribe('sub.*', 'sub_a')$$);
 
 \pset format aligned
 \pset tuples_only off
@@ -107,7 +87,7 @@ SELECT * FROM pg_temp.subs;
 -- unsubscribe removes exactly one pattern of one destination
 SELECT saga.unsubscribe('sub.order.*', 'sub_a');
 SELECT * FROM pg_temp.subs;
-SELECT pg_temp.try($$SELECT saga.unsubscribe('sub.order.*', 'sub_a')$$) AS second_unsubscribe;
+SELECT try($$SELECT saga.unsubscribe('sub.order.*', 'sub_a')$$) AS second_unsubscribe;
 
 -- rolled back: the subscription is still there
 BEGIN;
