@@ -15,6 +15,10 @@ our @EXPORT = qw(saga_node start_receiver receiver_requests wait_for_worker);
 
 my $testdir = dirname(__FILE__);
 
+# receivers started by this test, stopped however the test ends
+my @receiver_pids;
+END { kill 'TERM', @receiver_pids if @receiver_pids; }
+
 # A cluster with saga preloaded and created in database "postgres".
 sub saga_node
 {
@@ -44,6 +48,7 @@ sub start_receiver
 		exec('python3', "$testdir/http_receiver.py", '--log', $log, '--port-file', $portfile)
 		  or die "cannot start receiver: $!";
 	}
+	push @receiver_pids, $pid;
 	for (1 .. 100)
 	{
 		last if -e $portfile;
