@@ -10,7 +10,33 @@ use PostgreSQL::Test::Utils;
 use SagaTest;
 use Exporter 'import';
 
-our @EXPORT = qw(check_nothing_lost receiver_lines wait_for_lines);
+our @EXPORT = qw(publish_for_crash check_nothing_lost receiver_lines wait_for_lines);
+
+# Publish $txns transactions of $per messages on $topic, their ids kept in
+# the test's table committed_ids, with a rolled-back transaction of 300 after each of
+# the first $rollbacks; returns the ids the rolled-back publishes returned.
+sub publish_for_crash
+{
+	my ($node, $topic, $txns, $per, $rollbacks) = @_;
+	my @rolled_back;
+	for my $t (1 .. $txns)
+	{
+		$node->safe_psql('postgres', qq{
+			INSERT INTO committed_ids
+			SELECT saga.publish('$topic', jsonb_build_object('t', $t, 'n', g))
+			FROM generate_series(1, $per) g;
+		});
+		next if $t > $rollbacks;
+		push @rolled_back, split /\n/, $node->safe_psql('postgres', qq{
+			BEGIN;
+			SELECT saga.publish('$topic', jsonb_build_object('rolled_back', $t, 'n', g))
+			FROM generate_series(1, 300) g;
+			ROLLBACK;
+		});
+	}
+	is(scalar(@rolled_back), 300 * $rollbacks, 'rolled-back publishes returned their ids');
+	return @rolled_back;
+}
 
 # I3/I4: receiver keys cover the committed ids, and nothing else arrived.
 sub check_nothing_lost

@@ -11,7 +11,7 @@ use Time::HiRes qw(usleep);
 use JSON::PP;
 use Exporter 'import';
 
-our @EXPORT = qw(saga_node start_receiver receiver_requests wait_for_worker);
+our @EXPORT = qw(saga_node start_receiver receiver_requests request_header wait_for_worker);
 
 my $testdir = dirname(__FILE__);
 
@@ -74,6 +74,17 @@ sub receiver_requests
 	}
 	close $fh;
 	return @out;
+}
+
+# A header of a logged request, whatever the case of its name.
+sub request_header
+{
+	my ($req, $name) = @_;
+	for my $k (keys %{ $req->{headers} })
+	{
+		return $req->{headers}{$k} if lc($k) eq lc($name);
+	}
+	return undef;
 }
 
 # Wait until the database's worker runs.

@@ -19,19 +19,10 @@ my $base = "http://127.0.0.1:$port";
 sub requests_for
 {
 	my ($id) = @_;
-	return grep { lc(header($_, 'Idempotency-Key') // '') eq lc($id) } receiver_requests($log);
+	return grep { lc(request_header($_, 'Idempotency-Key') // '') eq lc($id) } receiver_requests($log);
 }
 
 # a request header, whatever its case on the wire
-sub header
-{
-	my ($req, $name) = @_;
-	for my $k (keys %{ $req->{headers} })
-	{
-		return $req->{headers}{$k} if lc($k) eq lc($name);
-	}
-	return undef;
-}
 
 # publish from SQL that returns json lines {"id":..., ...}; decoded rows
 sub publish_rows
@@ -95,7 +86,7 @@ usleep(500_000);	# any duplicate would have arrived by now
 
 my @ok_reqs = grep { $_->{path} eq '/ok' } receiver_requests($log);
 my %per_key;
-$per_key{ lc(header($_, 'Idempotency-Key') // '') }++ for @ok_reqs;
+$per_key{ lc(request_header($_, 'Idempotency-Key') // '') }++ for @ok_reqs;
 is(scalar(keys %per_key), 7, 'distinct Idempotency-Keys equal the number published');
 is(scalar(grep { $_ != 1 } values %per_key), 0, 'each message was sent exactly once');
 is_deeply([ sort keys %per_key ], [ sort map { lc $_->{id} } @published ],
@@ -113,11 +104,11 @@ for my $m (@published)
 		next;
 	}
 	is($r->{status}, 200, "message $m->{n}: answered 200");
-	is(header($r, 'Content-Type'), 'application/json', "message $m->{n}: Content-Type");
-	is(header($r, 'Saga-Topic'), 'ok.created', "message $m->{n}: Saga-Topic");
-	is(header($r, 'Authorization'), 'Bearer s3cret-token', "message $m->{n}: destination Authorization header");
-	is(header($r, 'X-Tenant'), 'acme', "message $m->{n}: second destination header");
-	is(header($r, 'X-Trace'), "trace-$m->{n}", "message $m->{n}: message header");
+	is(request_header($r, 'Content-Type'), 'application/json', "message $m->{n}: Content-Type");
+	is(request_header($r, 'Saga-Topic'), 'ok.created', "message $m->{n}: Saga-Topic");
+	is(request_header($r, 'Authorization'), 'Bearer s3cret-token', "message $m->{n}: destination Authorization header");
+	is(request_header($r, 'X-Tenant'), 'acme', "message $m->{n}: second destination header");
+	is(request_header($r, 'X-Trace'), "trace-$m->{n}", "message $m->{n}: message header");
 	is($r->{body}, $m->{payload}, "message $m->{n}: body is the payload's JSON text");
 	is_deeply(JSON::PP->new->decode($r->{body}), JSON::PP->new->decode($m->{payload}),
 		"message $m->{n}: body decodes to the payload");

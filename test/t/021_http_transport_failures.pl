@@ -16,20 +16,11 @@ my ($port, $log, $rpid) = start_receiver();
 wait_for_worker($node);
 my $base = "http://127.0.0.1:$port";
 
-sub header
-{
-	my ($req, $name) = @_;
-	for my $k (keys %{ $req->{headers} })
-	{
-		return $req->{headers}{$k} if lc($k) eq lc($name);
-	}
-	return undef;
-}
 
 sub requests_for
 {
 	my ($id, $file) = @_;
-	return grep { lc(header($_, 'Idempotency-Key') // '') eq lc($id) } receiver_requests($file // $log);
+	return grep { lc(request_header($_, 'Idempotency-Key') // '') eq lc($id) } receiver_requests($file // $log);
 }
 
 sub create_destination

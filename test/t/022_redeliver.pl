@@ -15,22 +15,13 @@ my ($port, $log, $rpid) = start_receiver();
 wait_for_worker($node);
 my $base = "http://127.0.0.1:$port";
 
-sub header
-{
-	my ($req, $name) = @_;
-	for my $k (keys %{ $req->{headers} })
-	{
-		return $req->{headers}{$k} if lc($k) eq lc($name);
-	}
-	return undef;
-}
 
 # requests for one message id, optionally at one path, in arrival order
 sub requests_for
 {
 	my ($id, $path) = @_;
 	return grep {
-		lc(header($_, 'Idempotency-Key') // '') eq lc($id)
+		lc(request_header($_, 'Idempotency-Key') // '') eq lc($id)
 		  && (!defined $path || $_->{path} eq $path)
 	} receiver_requests($log);
 }
@@ -73,7 +64,7 @@ ok($node->poll_query_until('postgres',
 my @r = requests_for($id);
 is_deeply([ map { $_->{status} } @r ], [ 500, 500, 500, 200 ],
 	'receiver saw the redelivered attempts, the last one 200');
-is(header($r[-1], 'Idempotency-Key'), $id, 'same Idempotency-Key on redelivery') if @r;
+is(request_header($r[-1], 'Idempotency-Key'), $id, 'same Idempotency-Key on redelivery') if @r;
 is($r[-1]{body}, '{"v": "a"}', 'same body on redelivery') if @r;
 my ($ret, $out, $err) = $node->psql('postgres', "SELECT saga.redeliver('$id')");
 isnt($ret, 0, 'redeliver of a delivered (gone) message fails');

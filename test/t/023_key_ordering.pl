@@ -15,15 +15,6 @@ my ($port, $log, $rpid) = start_receiver();
 wait_for_worker($node);
 my $base = "http://127.0.0.1:$port";
 
-sub header
-{
-	my ($req, $name) = @_;
-	for my $k (keys %{ $req->{headers} })
-	{
-		return $req->{headers}{$k} if lc($k) eq lc($name);
-	}
-	return undef;
-}
 
 sub sql { return $node->safe_psql('postgres', $_[0]); }
 
@@ -52,7 +43,7 @@ sub log_at
 	for my $i (0 .. $#all)
 	{
 		next unless $all[$i]{path} eq $path;
-		push @out, { idx => $i, id => lc(header($all[$i], 'Idempotency-Key') // ''), status => $all[$i]{status} };
+		push @out, { idx => $i, id => lc(request_header($all[$i], 'Idempotency-Key') // ''), status => $all[$i]{status} };
 	}
 	return @out;
 }

@@ -16,15 +16,6 @@ my ($port, $log, $rpid) = start_receiver();
 wait_for_worker($node);
 my $base = "http://127.0.0.1:$port";
 
-sub header
-{
-	my ($req, $name) = @_;
-	for my $k (keys %{ $req->{headers} })
-	{
-		return $req->{headers}{$k} if lc($k) eq lc($name);
-	}
-	return undef;
-}
 
 sub sql { return $node->safe_psql('postgres', $_[0]); }
 
@@ -35,7 +26,7 @@ sub arrivals
 	my %out;
 	for my $i (0 .. $#all)
 	{
-		my $id = lc(header($all[$i], 'Idempotency-Key') // '');
+		my $id = lc(request_header($all[$i], 'Idempotency-Key') // '');
 		push @{ $out{$id} }, { idx => $i, time => $all[$i]{time}, status => $all[$i]{status} };
 	}
 	return %out;

@@ -17,15 +17,6 @@ my ($port, $log, $rpid) = start_receiver();
 wait_for_worker($node);
 my $base = "http://127.0.0.1:$port";
 
-sub header
-{
-	my ($req, $name) = @_;
-	for my $k (keys %{ $req->{headers} })
-	{
-		return $req->{headers}{$k} if lc($k) eq lc($name);
-	}
-	return undef;
-}
 
 sub sql { return $node->safe_psql('postgres', $_[0]); }
 
@@ -36,7 +27,7 @@ sub requests_for
 {
 	my ($id) = @_;
 	return map { { %{ $all[$_] }, idx => $_ } }
-	  grep { lc(header($all[$_], 'Idempotency-Key') // '') eq lc($id) } 0 .. $#all;
+	  grep { lc(request_header($all[$_], 'Idempotency-Key') // '') eq lc($id) } 0 .. $#all;
 }
 
 sql(qq{
@@ -98,7 +89,7 @@ ok($first{K1} < $first{K3} && $first{K3} < $first{LONG} && $first{LONG} < $first
 	'key K stays in order around its dead-lettered message');
 
 my ($long) = requests_for($id{LONG});
-is(header($long, 'X-Long'), $long_value, 'a 1900-byte header value arrives intact') if $long;
+is(request_header($long, 'X-Long'), $long_value, 'a 1900-byte header value arrives intact') if $long;
 my ($big) = requests_for($id{BIG});
 is($big->{body}, sql(q{SELECT jsonb_build_object('n', 'big', 'blob', repeat('0123456789', 90000))::text}),
 	'a 900 kB payload arrives whole') if $big;

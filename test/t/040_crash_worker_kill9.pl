@@ -26,23 +26,7 @@ $node->safe_psql('postgres', qq{
 
 # 10,000 committed messages in five transactions, with three rolled-back
 # transactions in between; the ids of the rolled-back ones are kept aside.
-my @rolled_back;
-for my $t (1 .. 5)
-{
-	$node->safe_psql('postgres', qq{
-		INSERT INTO committed_ids
-		SELECT saga.publish('crash.worker', jsonb_build_object('t', $t, 'n', g))
-		FROM generate_series(1, 2000) g;
-	});
-	next if $t > 3;
-	push @rolled_back, split /\n/, $node->safe_psql('postgres', qq{
-		BEGIN;
-		SELECT saga.publish('crash.worker', jsonb_build_object('rolled_back', $t, 'n', g))
-		FROM generate_series(1, 300) g;
-		ROLLBACK;
-	});
-}
-is(scalar(@rolled_back), 900, 'rolled-back publishes returned their ids');
+my @rolled_back = publish_for_crash($node, 'crash.worker', 5, 2000, 3);
 is($node->safe_psql('postgres', 'SELECT count(*) FROM committed_ids'), '10000',
 	'10,000 messages committed');
 

@@ -26,23 +26,7 @@ $node->safe_psql('postgres', qq{
 
 # 4,000 committed messages in four transactions, with two rolled-back
 # transactions in between whose ids are kept aside.
-my @rolled_back;
-for my $t (1 .. 4)
-{
-	$node->safe_psql('postgres', qq{
-		INSERT INTO committed_ids
-		SELECT saga.publish('crash.immediate', jsonb_build_object('t', $t, 'n', g))
-		FROM generate_series(1, 1000) g;
-	});
-	next if $t > 2;
-	push @rolled_back, split /\n/, $node->safe_psql('postgres', qq{
-		BEGIN;
-		SELECT saga.publish('crash.immediate', jsonb_build_object('rolled_back', $t, 'n', g))
-		FROM generate_series(1, 300) g;
-		ROLLBACK;
-	});
-}
-is(scalar(@rolled_back), 600, 'rolled-back publishes returned their ids');
+my @rolled_back = publish_for_crash($node, 'crash.immediate', 4, 1000, 2);
 
 my $reader = { offset => 0, lines => 0 };
 my $worker = $node->safe_psql('postgres',
