@@ -11,6 +11,7 @@ OBJS = \
 	src/outbox.o \
 	src/transport_http.o \
 	src/api.o \
+	src/routing.o \
 	src/uuid7.o
 
 DATA = $(wildcard sql/saga--*.sql)

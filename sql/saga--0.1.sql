@@ -30,6 +30,14 @@ CREATE TABLE saga.subscriptions (
 );
 COMMENT ON TABLE saga.subscriptions IS 'which topics go to which destination; pattern "x.*" has prefix "x."';
 
+-- Backends cache the subscriptions for publish; any change makes them reread.
+CREATE FUNCTION saga.subscriptions_changed()
+RETURNS trigger LANGUAGE c AS 'MODULE_PATHNAME', 'saga_subscriptions_changed';
+COMMENT ON FUNCTION saga.subscriptions_changed() IS 'internal: tells backends to reread saga.subscriptions after commit';
+CREATE TRIGGER subscriptions_changed
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON saga.subscriptions
+    FOR EACH STATEMENT EXECUTE FUNCTION saga.subscriptions_changed();
+
 -- One row per message and destination. Delivered rows are deleted at once,
 -- so the table holds only what is pending, dead-lettered, or kept for
 -- saga.message() after a NOTIFY that could not carry the payload.

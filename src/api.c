@@ -8,6 +8,7 @@
  * (as pg_cron does) instead of being SECURITY DEFINER.
  */
 #include "saga.h"
+#include "api.h"
 
 #include <ctype.h>
 
@@ -18,6 +19,7 @@
 #include "catalog/pg_type.h"
 #include "commands/dbcommands.h"
 #include "commands/extension.h"
+#include "commands/trigger.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "funcapi.h"
@@ -27,6 +29,7 @@
 #include "utils/guc.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
+#include "storage/lmgr.h"
 #include "utils/rel.h"
 #include "utils/syscache.h"
 #include "utils/timestamp.h"
@@ -45,6 +48,7 @@ PG_FUNCTION_INFO_V1(saga_drop_destination);
 PG_FUNCTION_INFO_V1(saga_publish);
 PG_FUNCTION_INFO_V1(saga_subscribe);
 PG_FUNCTION_INFO_V1(saga_unsubscribe);
+PG_FUNCTION_INFO_V1(saga_subscriptions_changed);
 PG_FUNCTION_INFO_V1(saga_message);
 PG_FUNCTION_INFO_V1(saga_redeliver);
 PG_FUNCTION_INFO_V1(saga_metrics);
@@ -199,21 +203,14 @@ extension_owner(void)
 	return owner;
 }
 
-typedef struct OwnerContext
-{
-	Oid			saved_user;
-	int			saved_sec;
-	int			guc_level;
-} OwnerContext;
-
 /*
  * Become the extension's owner and connect SPI. Errors need no cleanup: the
  * (sub)transaction abort restores the user, the settings and SPI. With
  * pin_search_path, also set a search_path the caller cannot influence; only
  * SQL that qualifies every name (publish, on the hot path) may do without.
  */
-static void
-begin_as_owner(OwnerContext *oc, bool pin_search_path)
+void
+saga_begin_as_owner(SagaOwnerContext *oc, bool pin_search_path)
 {
 	Oid			owner = extension_owner();
 
@@ -232,8 +229,8 @@ begin_as_owner(OwnerContext *oc, bool pin_search_path)
 		elog(ERROR, "SPI_connect failed");
 }
 
-static void
-end_as_owner(OwnerContext *oc)
+void
+saga_end_as_owner(SagaOwnerContext *oc)
 {
 	SPI_finish();
 	SetUserIdAndSecContext(oc->saved_user, oc->saved_sec);
@@ -241,8 +238,8 @@ end_as_owner(OwnerContext *oc)
 		AtEOXact_GUC(true, oc->guc_level);
 }
 
-static int
-run_sql(const char *sql, int nargs, Oid *types, Datum *values, const char *nulls, bool read_only)
+int
+saga_run_sql(const char *sql, int nargs, Oid *types, Datum *values, const char *nulls, bool read_only)
 {
 	int			rc = SPI_execute_with_args(sql, nargs, types, values, nulls, read_only, 0);
 
@@ -253,8 +250,8 @@ run_sql(const char *sql, int nargs, Oid *types, Datum *values, const char *nulls
 
 /* ---------- argument checks ---------- */
 
-static void
-require_arg(FunctionCallInfo fcinfo, int argno, const char *name)
+void
+saga_require_arg(FunctionCallInfo fcinfo, int argno, const char *name)
 {
 	if (PG_ARGISNULL(argno))
 		ereport(ERROR,
@@ -626,13 +623,13 @@ saga_create_destination(PG_FUNCTION_ARGS)
 	const char *kind;
 	const char *target;
 	DestinationOptions o;
-	OwnerContext oc;
+	SagaOwnerContext oc;
 	Oid			types[9] = {TEXTOID, TEXTOID, TEXTOID, JSONBOID, INT8OID, INT8OID, INT8OID, INT8OID, INT8OID};
 	Datum		values[9];
 	char		nulls[9] = "         ";
 
-	require_arg(fcinfo, 0, "destination name");
-	require_arg(fcinfo, 1, "destination URL");
+	saga_require_arg(fcinfo, 0, "destination name");
+	saga_require_arg(fcinfo, 1, "destination URL");
 	name = text_to_cstring(PG_GETARG_TEXT_PP(0));
 	url = text_to_cstring(PG_GETARG_TEXT_PP(1));
 	options = PG_ARGISNULL(2) ? NULL : PG_GETARG_JSONB_P(2);
@@ -671,19 +668,19 @@ saga_create_destination(PG_FUNCTION_ARGS)
 	values[7] = Int64GetDatum(o.max_backoff_ms);
 	values[8] = Int64GetDatum(o.concurrency);
 
-	begin_as_owner(&oc, true);
-	run_sql("SELECT 1 FROM saga.destinations WHERE name = $1", 1, types, values, nulls, true);
+	saga_begin_as_owner(&oc, true);
+	saga_run_sql("SELECT 1 FROM saga.destinations WHERE name = $1", 1, types, values, nulls, true);
 	if (SPI_processed > 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_DUPLICATE_OBJECT),
 				 errmsg("destination \"%s\" already exists", name),
 				 errhint("Drop it first with saga.drop_destination() to change it.")));
-	run_sql("INSERT INTO saga.destinations (name, kind, target, headers, timeout, max_attempts,"
+	saga_run_sql("INSERT INTO saga.destinations (name, kind, target, headers, timeout, max_attempts,"
 			" backoff, max_backoff, concurrency) VALUES ($1, $2, $3, $4,"
 			" $5 * interval '1 millisecond', $6, $7 * interval '1 millisecond',"
 			" $8 * interval '1 millisecond', $9)",
 			9, types, values, nulls, false);
-	end_as_owner(&oc);
+	saga_end_as_owner(&oc);
 	saga_config_changed_at_commit();
 	PG_RETURN_VOID();
 }
@@ -694,7 +691,7 @@ require_destination(const char *name)
 	Oid			types[1] = {TEXTOID};
 	Datum		values[1] = {CStringGetTextDatum(name)};
 
-	run_sql("SELECT 1 FROM saga.destinations WHERE name = $1", 1, types, values, NULL, true);
+	saga_run_sql("SELECT 1 FROM saga.destinations WHERE name = $1", 1, types, values, NULL, true);
 	if (SPI_processed == 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
@@ -705,19 +702,19 @@ Datum
 saga_drop_destination(PG_FUNCTION_ARGS)
 {
 	char	   *name;
-	OwnerContext oc;
+	SagaOwnerContext oc;
 	Oid			types[1] = {TEXTOID};
 	Datum		values[1];
 	int64		pending;
 	bool		isnull;
 
-	require_arg(fcinfo, 0, "destination name");
+	saga_require_arg(fcinfo, 0, "destination name");
 	name = text_to_cstring(PG_GETARG_TEXT_PP(0));
 	values[0] = CStringGetTextDatum(name);
 
-	begin_as_owner(&oc, true);
+	saga_begin_as_owner(&oc, true);
 	/* lock the row so no concurrent subscribe slips in */
-	run_sql("SELECT 1 FROM saga.destinations WHERE name = $1 FOR UPDATE", 1, types, values, NULL, false);
+	saga_run_sql("SELECT 1 FROM saga.destinations WHERE name = $1 FOR UPDATE", 1, types, values, NULL, false);
 	if (SPI_processed == 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
@@ -727,9 +724,9 @@ saga_drop_destination(PG_FUNCTION_ARGS)
 	 * routed a message to it (they hold RowExclusiveLock on the queue) before
 	 * counting what is pending: an uncommitted publish must not be stranded.
 	 */
-	run_sql("DELETE FROM saga.subscriptions WHERE destination = $1", 1, types, values, NULL, false);
-	run_sql("LOCK TABLE saga.queue IN SHARE ROW EXCLUSIVE MODE", 0, NULL, NULL, NULL, false);
-	run_sql("SELECT count(*) FROM saga.queue WHERE destination = $1 AND status = 'pending'",
+	saga_run_sql("DELETE FROM saga.subscriptions WHERE destination = $1", 1, types, values, NULL, false);
+	saga_run_sql("LOCK TABLE saga.queue IN SHARE ROW EXCLUSIVE MODE", 0, NULL, NULL, NULL, false);
+	saga_run_sql("SELECT count(*) FROM saga.queue WHERE destination = $1 AND status = 'pending'",
 			1, types, values, NULL, false);
 	pending = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 	if (pending > 0)
@@ -739,13 +736,28 @@ saga_drop_destination(PG_FUNCTION_ARGS)
 							   "destination \"%s\" still has " INT64_FORMAT " undelivered messages",
 							   pending, name, pending),
 				 errhint("Unsubscribe its topics and wait until saga.outbox shows nothing for it.")));
-	run_sql("DELETE FROM saga.destinations WHERE name = $1", 1, types, values, NULL, false);
-	end_as_owner(&oc);
+	saga_run_sql("DELETE FROM saga.destinations WHERE name = $1", 1, types, values, NULL, false);
+	saga_end_as_owner(&oc);
 	saga_config_changed_at_commit();
 	PG_RETURN_VOID();
 }
 
 /* ---------- subscriptions ---------- */
+
+/*
+ * Statement trigger on saga.subscriptions: however the table changes (the
+ * API, plain SQL, pg_restore), backends reread their routes after commit.
+ */
+Datum
+saga_subscriptions_changed(PG_FUNCTION_ARGS)
+{
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("saga.subscriptions_changed() must be called as a trigger")));
+	saga_config_changed_at_commit();
+	PG_RETURN_POINTER(NULL);
+}
 
 Datum
 saga_subscribe(PG_FUNCTION_ARGS)
@@ -754,13 +766,13 @@ saga_subscribe(PG_FUNCTION_ARGS)
 	char	   *dest;
 	char	   *prefix = NULL;
 	size_t		len;
-	OwnerContext oc;
+	SagaOwnerContext oc;
 	Oid			types[3] = {TEXTOID, TEXTOID, TEXTOID};
 	Datum		values[3];
 	char		nulls[3] = "   ";
 
-	require_arg(fcinfo, 0, "topic");
-	require_arg(fcinfo, 1, "destination name");
+	saga_require_arg(fcinfo, 0, "topic");
+	saga_require_arg(fcinfo, 1, "destination name");
 	topic = text_to_cstring(PG_GETARG_TEXT_PP(0));
 	dest = text_to_cstring(PG_GETARG_TEXT_PP(1));
 	check_topic(topic, true);
@@ -773,18 +785,18 @@ saga_subscribe(PG_FUNCTION_ARGS)
 	values[2] = prefix ? CStringGetTextDatum(prefix) : (Datum) 0;
 	nulls[2] = prefix ? ' ' : 'n';
 
-	begin_as_owner(&oc, true);
-	run_sql("SELECT 1 FROM saga.destinations WHERE name = $1 FOR KEY SHARE", 1, types + 1, values + 1, NULL, false);
+	saga_begin_as_owner(&oc, true);
+	saga_run_sql("SELECT 1 FROM saga.destinations WHERE name = $1 FOR KEY SHARE", 1, types + 1, values + 1, NULL, false);
 	if (SPI_processed == 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("destination \"%s\" does not exist", dest)));
-	run_sql("INSERT INTO saga.subscriptions (pattern, destination, prefix) VALUES ($1, $2, $3)"
+	saga_run_sql("INSERT INTO saga.subscriptions (pattern, destination, prefix) VALUES ($1, $2, $3)"
 			" ON CONFLICT DO NOTHING", 3, types, values, nulls, false);
 	if (SPI_processed == 0)
 		ereport(NOTICE,
 				(errmsg("topic \"%s\" is already subscribed to destination \"%s\", skipping", topic, dest)));
-	end_as_owner(&oc);
+	saga_end_as_owner(&oc);
 	PG_RETURN_VOID();
 }
 
@@ -793,26 +805,26 @@ saga_unsubscribe(PG_FUNCTION_ARGS)
 {
 	char	   *topic;
 	char	   *dest;
-	OwnerContext oc;
+	SagaOwnerContext oc;
 	Oid			types[2] = {TEXTOID, TEXTOID};
 	Datum		values[2];
 
-	require_arg(fcinfo, 0, "topic");
-	require_arg(fcinfo, 1, "destination name");
+	saga_require_arg(fcinfo, 0, "topic");
+	saga_require_arg(fcinfo, 1, "destination name");
 	topic = text_to_cstring(PG_GETARG_TEXT_PP(0));
 	dest = text_to_cstring(PG_GETARG_TEXT_PP(1));
 	values[0] = CStringGetTextDatum(topic);
 	values[1] = CStringGetTextDatum(dest);
 
-	begin_as_owner(&oc, true);
+	saga_begin_as_owner(&oc, true);
 	require_destination(dest);
-	run_sql("DELETE FROM saga.subscriptions WHERE pattern = $1 AND destination = $2",
+	saga_run_sql("DELETE FROM saga.subscriptions WHERE pattern = $1 AND destination = $2",
 			2, types, values, NULL, false);
 	if (SPI_processed == 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("topic \"%s\" is not subscribed to destination \"%s\"", topic, dest)));
-	end_as_owner(&oc);
+	saga_end_as_owner(&oc);
 	PG_RETURN_VOID();
 }
 
@@ -828,13 +840,18 @@ saga_publish(PG_FUNCTION_ARGS)
 	Jsonb	   *headers = NULL;
 	TimestampTz deliver_at;
 	pg_uuid_t  *id = palloc(sizeof(pg_uuid_t));
-	OwnerContext oc;
-	Datum		values[6];
-	char		nulls[6] = "      ";
+	SagaOwnerContext oc;
+	Oid			nsp;
+	Oid			queue;
+	Oid			subscriptions;
+	List	   *destinations;
+	ListCell   *lc;
+	Datum		values[7];
+	char		nulls[7] = "       ";
 	int			rc;
 
-	require_arg(fcinfo, 0, "topic");
-	require_arg(fcinfo, 1, "payload");
+	saga_require_arg(fcinfo, 0, "topic");
+	saga_require_arg(fcinfo, 1, "payload");
 	topic = text_to_cstring(PG_GETARG_TEXT_PP(0));
 	check_topic(topic, false);
 	payload = PG_GETARG_JSONB_P(1);
@@ -870,39 +887,59 @@ saga_publish(PG_FUNCTION_ARGS)
 
 	saga_uuid7(id->data);
 	values[0] = UUIDPGetDatum(id);
-	values[1] = CStringGetTextDatum(topic);
-	values[2] = key ? PointerGetDatum(key) : (Datum) 0;
-	nulls[2] = key ? ' ' : 'n';
-	values[3] = JsonbPGetDatum(payload);
-	values[4] = headers ? JsonbPGetDatum(headers) : (Datum) 0;
-	nulls[4] = headers ? ' ' : 'n';
-	values[5] = TimestampTzGetDatum(deliver_at);
+	values[2] = CStringGetTextDatum(topic);
+	values[3] = key ? PointerGetDatum(key) : (Datum) 0;
+	nulls[3] = key ? ' ' : 'n';
+	values[4] = JsonbPGetDatum(payload);
+	values[5] = headers ? JsonbPGetDatum(headers) : (Datum) 0;
+	nulls[5] = headers ? ' ' : 'n';
+	values[6] = TimestampTzGetDatum(deliver_at);
 
-	begin_as_owner(&oc, false);
+	saga_begin_as_owner(&oc, false);
+	nsp = get_namespace_oid("saga", false);
+	queue = get_relname_relid("queue", nsp);
+	subscriptions = get_relname_relid("subscriptions", nsp);
+	if (!OidIsValid(queue) || !OidIsValid(subscriptions))
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("extension \"saga\" is not installed correctly: its tables are missing")));
+
+	/*
+	 * Lock the queue before routing: drop_destination holds a stronger lock
+	 * on it until it commits, and a route must not outlive its destination.
+	 */
+	LockRelationOid(queue, RowExclusiveLock);
+	destinations = saga_route(topic, subscriptions, config_changed_pending);
+	if (destinations == NIL)
+	{
+		saga_end_as_owner(&oc);
+		PG_RETURN_UUID_P(id);
+	}
+
 	if (plan == NULL)
 	{
-		Oid			types[6] = {UUIDOID, TEXTOID, TEXTOID, JSONBOID, JSONBOID, TIMESTAMPTZOID};
+		Oid			types[7] = {UUIDOID, TEXTOID, TEXTOID, TEXTOID, JSONBOID, JSONBOID, TIMESTAMPTZOID};
 
-		/* every name qualified: this runs under the caller's search_path */
-		plan = SPI_prepare("INSERT INTO saga.queue (message_id, destination, topic, key, payload,"
-						   " headers, next_attempt_at)"
-						   " SELECT $1, d.name, $2, $3, $4, $5, $6"
-						   " FROM saga.destinations d"
-						   " WHERE EXISTS (SELECT FROM saga.subscriptions s"
-						   "   WHERE s.destination OPERATOR(pg_catalog.=) d.name"
-						   "     AND (s.pattern OPERATOR(pg_catalog.=) $2"
-						   "          OR (s.prefix IS NOT NULL AND pg_catalog.starts_with($2, s.prefix))))",
-						   6, types);
+		/*
+		 * Every name is qualified: this runs under the caller's search_path.
+		 * A generic plan, so that no call pays for planning.
+		 */
+		plan = SPI_prepare_cursor("INSERT INTO saga.queue (message_id, destination, topic, key, payload,"
+								  " headers, next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+								  7, types, CURSOR_OPT_GENERIC_PLAN);
 		if (plan == NULL)
 			elog(ERROR, "SPI_prepare failed for saga.publish: %s", SPI_result_code_string(SPI_result));
 		SPI_keepplan(plan);
 	}
-	rc = SPI_execute_plan(plan, values, nulls, false, 0);
-	if (rc != SPI_OK_INSERT)
-		elog(ERROR, "saga.publish: insert failed: %s", SPI_result_code_string(rc));
-	if (SPI_processed > 0)
-		saga_wake_at_commit(1);
-	end_as_owner(&oc);
+	foreach(lc, destinations)
+	{
+		values[1] = CStringGetTextDatum((char *) lfirst(lc));
+		rc = SPI_execute_plan(plan, values, nulls, false, 0);
+		if (rc != SPI_OK_INSERT)
+			elog(ERROR, "saga.publish: insert failed: %s", SPI_result_code_string(rc));
+	}
+	saga_wake_at_commit(1);
+	saga_end_as_owner(&oc);
 
 	PG_RETURN_UUID_P(id);
 }
@@ -910,17 +947,17 @@ saga_publish(PG_FUNCTION_ARGS)
 Datum
 saga_message(PG_FUNCTION_ARGS)
 {
-	OwnerContext oc;
+	SagaOwnerContext oc;
 	Oid			types[1] = {UUIDOID};
 	Datum		values[1];
 	Datum		result;
 	bool		isnull;
 
-	require_arg(fcinfo, 0, "message id");
+	saga_require_arg(fcinfo, 0, "message id");
 	values[0] = PG_GETARG_DATUM(0);
 
-	begin_as_owner(&oc, true);
-	run_sql("SELECT jsonb_build_object('id', message_id, 'topic', topic, 'key', key,"
+	saga_begin_as_owner(&oc, true);
+	saga_run_sql("SELECT jsonb_build_object('id', message_id, 'topic', topic, 'key', key,"
 			" 'payload', payload, 'headers', headers, 'published_at', published_at)"
 			" FROM saga.queue WHERE message_id = $1 LIMIT 1",
 			1, types, values, NULL, true);
@@ -932,21 +969,21 @@ saga_message(PG_FUNCTION_ARGS)
 				 errdetail("Delivered messages are kept for saga.message_retention only when NOTIFY delivered them without their payload.")));
 	result = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
 	result = PointerGetDatum(SPI_datumTransfer(result, false, -1));
-	end_as_owner(&oc);
+	saga_end_as_owner(&oc);
 	PG_RETURN_DATUM(result);
 }
 
 Datum
 saga_redeliver(PG_FUNCTION_ARGS)
 {
-	OwnerContext oc;
+	SagaOwnerContext oc;
 	Oid			types[2] = {UUIDOID, TEXTOID};
 	Datum		values[2];
 	char		nulls[2] = "  ";
 	char	   *dest = NULL;
 	uint64		n;
 
-	require_arg(fcinfo, 0, "message id");
+	saga_require_arg(fcinfo, 0, "message id");
 	values[0] = PG_GETARG_DATUM(0);
 	if (!PG_ARGISNULL(1))
 	{
@@ -956,23 +993,23 @@ saga_redeliver(PG_FUNCTION_ARGS)
 	else
 		nulls[1] = 'n';
 
-	begin_as_owner(&oc, true);
+	saga_begin_as_owner(&oc, true);
 	if (dest)
 		require_destination(dest);
-	run_sql("SELECT 1 FROM saga.queue WHERE message_id = $1 LIMIT 1", 1, types, values, nulls, true);
+	saga_run_sql("SELECT 1 FROM saga.queue WHERE message_id = $1 LIMIT 1", 1, types, values, nulls, true);
 	if (SPI_processed == 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("message %s not found",
 						DatumGetCString(DirectFunctionCall1(uuid_out, values[0])))));
-	run_sql("UPDATE saga.queue q SET status = 'pending', attempts = 0, lease_until = NULL,"
+	saga_run_sql("UPDATE saga.queue q SET status = 'pending', attempts = 0, lease_until = NULL,"
 			" next_attempt_at = now(), finished_at = NULL"
 			" WHERE q.message_id = $1 AND q.status = 'dead'"
 			"   AND ($2::text IS NULL OR q.destination = $2)"
 			"   AND EXISTS (SELECT 1 FROM saga.destinations d WHERE d.name = q.destination)",
 			2, types, values, nulls, false);
 	n = SPI_processed;
-	end_as_owner(&oc);
+	saga_end_as_owner(&oc);
 	if (n > 0)
 		saga_wake_at_commit(0);
 	PG_RETURN_INT32((int32) n);
@@ -1022,7 +1059,7 @@ saga_metrics(PG_FUNCTION_ARGS)
 	TupleDesc	desc;
 	Tuplestorestate *store = begin_srf(fcinfo, &desc);
 	SagaWorkerSlot *slot = saga_slot_for_database(MyDatabaseId);
-	OwnerContext oc;
+	SagaOwnerContext oc;
 
 	if (slot != NULL)
 	{
@@ -1033,8 +1070,8 @@ saga_metrics(PG_FUNCTION_ARGS)
 		put_metric(store, desc, "http_requests_in_flight", "{}", (double) slot->in_flight);
 	}
 
-	begin_as_owner(&oc, true);
-	run_sql("SELECT m.name, m.labels::text, m.value FROM ("
+	saga_begin_as_owner(&oc, true);
+	saga_run_sql("SELECT m.name, m.labels::text, m.value FROM ("
 			" SELECT 'outbox_pending' AS name, jsonb_build_object('destination', d.name) AS labels,"
 			"   (SELECT count(*) FROM saga.queue q WHERE q.destination = d.name AND q.status = 'pending')::float8 AS value, d.name AS sort"
 			" FROM saga.destinations d"
@@ -1056,7 +1093,7 @@ saga_metrics(PG_FUNCTION_ARGS)
 				   SPI_getvalue(tup, SPI_tuptable->tupdesc, 2),
 				   DatumGetFloat8(SPI_getbinval(tup, SPI_tuptable->tupdesc, 3, &isnull)));
 	}
-	end_as_owner(&oc);
+	saga_end_as_owner(&oc);
 	return (Datum) 0;
 }
 

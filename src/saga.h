@@ -8,6 +8,7 @@
 #include "postgres.h"
 
 #include "datatype/timestamp.h"
+#include "nodes/pg_list.h"
 #include "port/atomics.h"
 #include "storage/latch.h"
 #include "storage/spin.h"
@@ -83,6 +84,9 @@ extern void saga_stop_worker_for_database(Oid dboid);
 
 /* worker.c */
 extern PGDLLEXPORT void saga_worker_main(Datum arg);
+
+/* routing.c */
+extern List *saga_route(const char *topic, Oid subscriptions_relid, bool changed_in_xact);
 
 /* uuid7.c */
 extern void saga_uuid7(unsigned char *out);

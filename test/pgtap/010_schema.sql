@@ -46,7 +46,8 @@ SELECT col_type_is('saga', 'dead_letters', 'dead_at', 'timestamp with time zone'
 
 -- functions: names, signatures, return types
 SELECT functions_are('saga', ARRAY['create_destination', 'drop_destination', 'subscribe', 'unsubscribe',
-								   'publish', 'message', 'redeliver', 'metrics', 'worker_status']);
+								   'publish', 'message', 'redeliver', 'metrics', 'worker_status',
+								   'subscriptions_changed']);
 SELECT has_function('saga', 'create_destination', ARRAY['text', 'text', 'jsonb']);
 SELECT has_function('saga', 'drop_destination', ARRAY['text']);
 SELECT has_function('saga', 'subscribe', ARRAY['text', 'text']);

@@ -1,0 +1,109 @@
+/*
+ * routing.c
+ *		Which destinations a topic goes to: saga.subscriptions, cached in each
+ *		backend.
+ *
+ * publish runs inside every business transaction, so it must cost little
+ * more than one row. Reading saga.subscriptions on every call (a join in the
+ * executor) cost as much as the insert itself; the table changes rarely, so
+ * each backend keeps a copy and rereads it when the shared configuration
+ * version moves. A trigger on the table bumps that version at commit, so
+ * changes made with plain SQL or restored by pg_restore count too. Without
+ * the preload there is no shared version and the table is read every time.
+ */
+#include "saga.h"
+
+#include "access/xact.h"
+#include "executor/spi.h"
+#include "utils/builtins.h"
+#include "utils/memutils.h"
+
+typedef struct Route
+{
+	char	   *pattern;		/* exact topic, or NULL for a prefix route */
+	char	   *prefix;
+	char	   *destination;
+} Route;
+
+static MemoryContext routes_cxt = NULL;
+static Route *routes = NULL;
+static int	nroutes = 0;
+static bool routes_valid = false;
+static uint64 routes_version = 0;
+static Oid	routes_relid = InvalidOid;
+
+static void
+load_routes(void)
+{
+	int			rc;
+
+	if (routes_cxt == NULL)
+		routes_cxt = AllocSetContextCreate(TopMemoryContext, "saga routes",
+										   ALLOCSET_SMALL_SIZES);
+	MemoryContextReset(routes_cxt);
+	routes = NULL;
+	nroutes = 0;
+	routes_valid = false;
+
+	rc = SPI_execute("SELECT pattern, prefix, destination FROM saga.subscriptions", true, 0);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "could not read saga.subscriptions: %s", SPI_result_code_string(rc));
+
+	routes = MemoryContextAllocZero(routes_cxt, sizeof(Route) * Max(SPI_processed, 1));
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		char	   *prefix = SPI_getvalue(tup, desc, 2);
+		Route	   *r = &routes[nroutes++];
+
+		if (prefix != NULL)
+			r->prefix = MemoryContextStrdup(routes_cxt, prefix);
+		else
+			r->pattern = MemoryContextStrdup(routes_cxt, SPI_getvalue(tup, desc, 1));
+		r->destination = MemoryContextStrdup(routes_cxt, SPI_getvalue(tup, desc, 3));
+	}
+}
+
+/*
+ * The destinations subscribed to topic, each once, as a List of C strings
+ * valid until the next call. Runs with SPI connected, as the extension's
+ * owner, after the caller locked saga.queue: a drop_destination that
+ * committed before that lock was granted has already moved the version.
+ */
+List *
+saga_route(const char *topic, Oid subscriptions_relid, bool changed_in_xact)
+{
+	uint64		version = saga_config_version();
+	List	   *result = NIL;
+
+	if (!routes_valid || saga_shared == NULL || changed_in_xact ||
+		version != routes_version || subscriptions_relid != routes_relid)
+	{
+		load_routes();
+		routes_version = version;
+		routes_relid = subscriptions_relid;
+		/* what this transaction changed may yet roll back: use it once */
+		routes_valid = !changed_in_xact;
+	}
+
+	for (int i = 0; i < nroutes; i++)
+	{
+		Route	   *r = &routes[i];
+		bool		match = r->pattern ? strcmp(r->pattern, topic) == 0
+			: strncmp(topic, r->prefix, strlen(r->prefix)) == 0;
+		ListCell   *lc;
+		bool		seen = false;
+
+		if (!match)
+			continue;
+		foreach(lc, result)
+		{
+			if (strcmp((char *) lfirst(lc), r->destination) == 0)
+				seen = true;
+		}
+		if (!seen)
+			result = lappend(result, r->destination);
+	}
+	return result;
+}
