@@ -11,6 +11,9 @@ OBJS = \
 	src/outbox.o \
 	src/transport_http.o \
 	src/api.o \
+	src/api_saga.o \
+	src/engine.o \
+	src/invoke.o \
 	src/routing.o \
 	src/uuid7.o
 
@@ -19,7 +22,7 @@ DATA = $(wildcard sql/saga--*.sql)
 PG_CPPFLAGS = -I$(srcdir)/src
 SHLIB_LINK = -lcurl
 
-REGRESS = setup destinations subscriptions publish dead_letters monitoring
+REGRESS = setup destinations subscriptions publish dead_letters monitoring sagas invoke
 REGRESS_OPTS = --temp-config=$(srcdir)/test/saga.conf --temp-instance=tmp_check_regress --load-extension=saga
 
 TAP_TESTS = 1

@@ -27,15 +27,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pgconn import Conn, PgError  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BENCHMARKS = ["publish", "notify", "http", "latency", "growth"]
+BENCHMARKS = ["publish", "notify", "http", "latency", "growth", "sagas", "start", "saga_latency"]
 
 SIZES = {
     "full": dict(publish_seconds=8, publish_rounds=5, notify_messages=100000, notify_rounds=2,
                  http_messages=20000, http_rounds=2, http_concurrency=64, wrk_seconds=10,
-                 latency_seconds=20, latency_rate=100, growth_messages=1000000, growth_batch=10000),
+                 latency_seconds=20, latency_rate=100, growth_messages=1000000, growth_batch=10000,
+                 saga_count=20000, saga_seconds=10, start_seconds=8, start_rounds=3,
+                 saga_latency_count=500, saga_latency_rate=50),
     "quick": dict(publish_seconds=5, publish_rounds=2, notify_messages=20000, notify_rounds=1,
                   http_messages=5000, http_rounds=1, http_concurrency=64, wrk_seconds=5,
-                  latency_seconds=5, latency_rate=100, growth_messages=200000, growth_batch=10000),
+                  latency_seconds=5, latency_rate=100, growth_messages=200000, growth_batch=10000,
+                  saga_count=3000, saga_seconds=5, start_seconds=5, start_rounds=1,
+                  saga_latency_count=100, saga_latency_rate=50),
 }
 
 # a 200-byte business value and a 200-byte JSON payload
@@ -740,6 +744,171 @@ def bench_growth(ctx):
                 "%.1f MB at %s" % (first / 2**20, short(min(sizes))), ratio, "<= 2", ratio <= 2)]
 
 
+# ---------------------------------------------------------------- 6. sagas
+
+SAGA_SCHEMA = """
+CREATE SCHEMA shop;
+CREATE TABLE shop.s1 (id bigserial PRIMARY KEY, saga uuid, note text);
+CREATE TABLE shop.s2 (id bigserial PRIMARY KEY, saga uuid, note text);
+CREATE TABLE shop.s3 (id bigserial PRIMARY KEY, saga uuid, note text);
+CREATE FUNCTION shop.step1(ctx jsonb) RETURNS jsonb LANGUAGE sql AS
+  $$ INSERT INTO shop.s1 (saga, note) VALUES ((ctx->>'saga_id')::uuid, 'one') RETURNING '{}'::jsonb $$;
+CREATE FUNCTION shop.step2(ctx jsonb) RETURNS jsonb LANGUAGE sql AS
+  $$ INSERT INTO shop.s2 (saga, note) VALUES ((ctx->>'saga_id')::uuid, 'two') RETURNING '{}'::jsonb $$;
+CREATE FUNCTION shop.step3(ctx jsonb) RETURNS jsonb LANGUAGE sql AS
+  $$ INSERT INTO shop.s3 (saga, note) VALUES ((ctx->>'saga_id')::uuid, 'three') RETURNING '{}'::jsonb $$;
+SELECT saga.define('bench3', '{"steps": [{"name": "one", "action": "shop.step1"},
+  {"name": "two", "action": "shop.step2"}, {"name": "three", "action": "shop.step3"}]}');
+"""
+
+THREE_INSERTS = ("BEGIN;\nINSERT INTO shop.s1 (note) VALUES ('one');\n"
+                 "INSERT INTO shop.s2 (note) VALUES ('two');\n"
+                 "INSERT INTO shop.s3 (note) VALUES ('three');\nCOMMIT;\n")
+
+
+def run_pgbench(cl, script_path, seconds):
+    cmd = ["pgbench", "-n", "-M", "simple", "-c", "8", "-j", "2", "-T", str(seconds)]
+    p = subprocess.run(cmd + ["-f", script_path] + cl.conninfo_args(), capture_output=True, text=True)
+    if p.returncode != 0:
+        raise BenchError("pgbench failed:\n" + p.stdout + p.stderr)
+    m = re.search(r"tps = ([\d.]+)", p.stdout)
+    if not m:
+        raise BenchError("could not read pgbench output:\n" + p.stdout)
+    return float(m.group(1)), cmd
+
+
+def write_script(cl, name, text):
+    path = os.path.join(cl.dir, name)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def bench_sagas(ctx):
+    o = ctx.opts
+    say("== saga throughput: %s three-step sagas (each step inserts one row), started in one"
+        " transaction, completed sagas/s; baseline: pgbench 8 clients, the same three inserts in"
+        " one transaction per saga, %d s" % (fmt_int(o.saga_count), o.saga_seconds))
+    cl = ctx.cluster("sagas")
+    c = cl.connect()
+    cl.setup_saga(c)
+    c.query(SAGA_SCHEMA)
+    script = write_script(cl, "three_inserts.sql", THREE_INSERTS)
+    base, cmd = run_pgbench(cl, script, o.saga_seconds)
+    say("   baseline: %s -f %s %s" % (" ".join(cmd), script, " ".join(cl.conninfo_args())))
+    say("   baseline: %s transactions/s (= sagas/s)" % fmt_int(base))
+    c.query("TRUNCATE shop.s1, shop.s2, shop.s3")
+    worker = cl.worker_pid(c)
+    w0 = cpu_seconds(worker)
+    c.query("SELECT saga.start('bench3', jsonb_build_object('n', g)) FROM generate_series(1, %d) g"
+            % o.saga_count)
+    t0 = time.monotonic()
+    wait_until("every saga to complete", lambda: c.value(
+        "SELECT 1 FROM saga.instances WHERE next_run_at IS NOT NULL LIMIT 1") is None, 600, 0.01)
+    elapsed = time.monotonic() - t0
+    w1 = cpu_seconds(worker)
+    done, rows = c.query("SELECT (SELECT count(*) FROM saga.instances WHERE status = 'completed'),"
+                         " (SELECT count(*) FROM shop.s1) + (SELECT count(*) FROM shop.s2)"
+                         " + (SELECT count(*) FROM shop.s3)")[0]
+    if int(done) != o.saga_count or int(rows) != 3 * o.saga_count:
+        raise BenchError("expected %d completed sagas and %d step rows, found %s and %s"
+                         % (o.saga_count, 3 * o.saga_count, done, rows))
+    rate = o.saga_count / elapsed
+    say("   saga run: SELECT saga.start('bench3', ...) FROM generate_series(1, %d); COMMIT; then"
+        " wait until no saga has work left" % o.saga_count)
+    say("   %s sagas completed in %.2f s: %s sagas/s; worker CPU %.0f us per saga"
+        % (fmt_int(o.saga_count), elapsed, fmt_int(rate),
+           (w1 - w0) / o.saga_count * 1e6 if None not in (w0, w1) else float("nan")))
+    say("   check: %s sagas completed, %s step rows" % (done, rows))
+    say("   not run: the DBOS Transact comparison (@dbos-inc/dbos-sdk)")
+    c.close()
+    cl.stop()
+    ratio = rate / base
+    return [Row("saga throughput", fmt_int(rate) + " sagas/s", fmt_int(base) + " tps", ratio,
+                ">= 0.5", ratio >= 0.5)]
+
+
+def bench_start(ctx):
+    o = ctx.opts
+    say("== start overhead: pgbench, 8 clients, %d s per run, %d rounds; business insert vs the"
+        " same plus saga.start() (the worker does not run in this database, as publish's"
+        " destination never answers: the figure is the cost of starting)"
+        % (o.start_seconds, o.start_rounds))
+    cl = ctx.cluster("start")
+    c = cl.connect()
+    c.query("CREATE EXTENSION saga")
+    c.query("ALTER SYSTEM SET saga.databases = 'postgres'")
+    c.query("SELECT pg_reload_conf()")
+    c.query(SAGA_SCHEMA)
+    c.query("CREATE TABLE bench_orders (id bigserial PRIMARY KEY, note text NOT NULL)")
+    scripts = {
+        "insert": "INSERT INTO bench_orders (note) VALUES ('%s');\n" % NOTE,
+        "insert+start": "INSERT INTO bench_orders (note) VALUES ('%s') \\; "
+                        "SELECT saga.start('bench3', '%s');\n" % (NOTE, PAYLOAD),
+    }
+    files = {k: write_script(cl, k.replace("+", "_") + ".sql", v) for k, v in scripts.items()}
+    tps = {k: [] for k in scripts}
+    for r in range(o.start_rounds):
+        order = list(scripts) if r % 2 == 0 else list(reversed(list(scripts)))
+        for k in order:
+            c.query("CHECKPOINT")
+            t, cmd = run_pgbench(cl, files[k], o.start_seconds)
+            tps[k].append(t)
+            say("   round %d %-13s %10s tps" % (r + 1, k, fmt_int(t)))
+    say("   commands: %s -f <script> %s" % (" ".join(cmd), " ".join(cl.conninfo_args())))
+    for k in scripts:
+        say("   %-13s %s" % (k + ":", abbreviate(scripts[k].strip())))
+    ratios = [tps["insert+start"][i] / tps["insert"][i] for i in range(o.start_rounds)]
+    ratio = statistics.median(ratios)
+    base, fig = statistics.median(tps["insert"]), statistics.median(tps["insert+start"])
+    say("   medians: insert %s tps, insert+start %s tps; ratio %.2f (per round %s)"
+        % (fmt_int(base), fmt_int(fig), ratio, ", ".join("%.2f" % x for x in ratios)))
+    c.close()
+    cl.stop()
+    return [Row("start overhead (tps)", fmt_int(fig) + " tps", fmt_int(base) + " tps", ratio,
+                ">= 0.85", ratio >= 0.85)]
+
+
+def bench_saga_latency(ctx):
+    o = ctx.opts
+    say("== saga latency: %d three-step local sagas at %d/s; start COMMIT returned -> the worker"
+        " finished the saga (saga.instances.finished_at, clock_timestamp() in the worker)"
+        % (o.saga_latency_count, o.saga_latency_rate))
+    cl = ctx.cluster("saga_latency")
+    c = cl.connect()
+    cl.setup_saga(c)
+    c.query(SAGA_SCHEMA)
+    pub = cl.connect()
+    for i in range(20):
+        pub.query("SELECT saga.start('bench3', '{}')")
+    interval = 1.0 / o.saga_latency_rate
+    returned = {}
+    start = time.monotonic() + 0.05
+    for i in range(o.saga_latency_count):
+        delay = start + i * interval - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        sid = pub.value("SELECT saga.start('bench3', '{\"n\": %d}')" % i)
+        returned[sid] = time.time()
+    wait_until("every saga to complete", lambda: c.value(
+        "SELECT 1 FROM saga.instances WHERE next_run_at IS NOT NULL LIMIT 1") is None, 120, 0.01)
+    lat = []
+    for sid, status, fin in c.query("SELECT id, status, extract(epoch FROM finished_at)"
+                                    " FROM saga.instances WHERE input ? 'n'"):
+        if status != "completed":
+            raise BenchError("saga %s ended %s" % (sid, status))
+        lat.append((float(fin) - returned[sid]) * 1000)
+    lat.sort()
+    p50, p99 = percentile(lat, 50), percentile(lat, 99)
+    say("   start -> completed: p50 %.2f ms  p90 %.2f ms  p99 %.2f ms  max %.2f ms"
+        % (p50, percentile(lat, 90), p99, lat[-1]))
+    pub.close()
+    c.close()
+    cl.stop()
+    return [Row("saga latency p50", "%.2f ms" % p50, "-", None, "<= 10 ms", p50 <= 10),
+            Row("saga latency p99", "%.2f ms" % p99, "-", None, "-", True)]
+
+
 def short(n):
     return "%dk" % (n // 1000) if n < 10**6 else "%gM" % (n / 10**6)
 
@@ -782,7 +951,8 @@ class Context:
 
 
 RUNNERS = {"publish": bench_publish, "notify": bench_notify, "http": bench_http,
-           "latency": bench_latency, "growth": bench_growth}
+           "latency": bench_latency, "growth": bench_growth, "sagas": bench_sagas,
+           "start": bench_start, "saga_latency": bench_saga_latency}
 
 
 def parse_args(argv):

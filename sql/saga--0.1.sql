@@ -133,6 +133,902 @@ RETURNS TABLE (kind text, database text, pid integer, state text,
 LANGUAGE c AS 'MODULE_PATHNAME', 'saga_worker_status';
 COMMENT ON FUNCTION saga.worker_status() IS 'the launcher and each database worker, with pid and state';
 
+-- ---------- Sagas ----------
+
+-- Saga definitions, one row per version. steps holds the definition in the
+-- form the worker runs: every step with its action and compensation resolved
+-- (functions as schema-qualified signatures) and its retry settings.
+CREATE TABLE saga.definitions (
+    name text NOT NULL,
+    version integer NOT NULL,
+    definition jsonb NOT NULL,
+    steps jsonb NOT NULL,
+    deadline interval,
+    owner oid NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (name, version)
+);
+COMMENT ON TABLE saga.definitions IS 'saga definitions, one row per version (internal; use saga.define())';
+
+-- One row per saga. next_run_at says when the worker has something to do
+-- for it (a step, a retry, a compensation, its deadline); NULL: nothing.
+CREATE TABLE saga.instances (
+    id uuid PRIMARY KEY,
+    name text NOT NULL,
+    version integer,
+    driver text NOT NULL CHECK (driver IN ('worker', 'application')),
+    status text NOT NULL CHECK (status IN ('running', 'completed', 'compensating', 'compensated', 'failed')),
+    input jsonb NOT NULL,
+    results jsonb NOT NULL DEFAULT '{}',
+    result jsonb,
+    error text,
+    owner oid NOT NULL,
+    idempotency_key text,
+    position integer NOT NULL DEFAULT 0,
+    attempts integer NOT NULL DEFAULT 0,
+    next_run_at timestamptz,
+    deadline timestamptz,
+    started_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    finished_at timestamptz
+);
+CREATE UNIQUE INDEX instances_idempotency_key ON saga.instances (name, owner, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+CREATE INDEX instances_due ON saga.instances (next_run_at) WHERE next_run_at IS NOT NULL;
+COMMENT ON TABLE saga.instances IS 'one row per saga (internal; read saga.sagas)';
+
+-- Steps that ran or are being retried, with how to undo them.
+CREATE TABLE saga.instance_steps (
+    saga_id uuid NOT NULL,
+    position integer NOT NULL,
+    step text NOT NULL,
+    status text NOT NULL CHECK (status IN ('retrying', 'done', 'failed', 'compensated', 'compensation_failed')),
+    attempts integer NOT NULL DEFAULT 0,
+    result jsonb,
+    error text,
+    compensation jsonb,
+    compensation_attempts integer NOT NULL DEFAULT 0,
+    compensation_result jsonb,
+    compensation_error text,
+    started_at timestamptz NOT NULL DEFAULT now(),
+    finished_at timestamptz,
+    compensated_at timestamptz,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (saga_id, position)
+);
+COMMENT ON TABLE saga.instance_steps IS 'the steps of each saga, their results and compensations (internal; read saga.saga_steps)';
+
+SELECT pg_catalog.pg_extension_config_dump('saga.definitions', '');
+SELECT pg_catalog.pg_extension_config_dump('saga.instances', '');
+SELECT pg_catalog.pg_extension_config_dump('saga.instance_steps', '');
+
+-- Can role see and control sagas owned by owner? Its own (or a role it is a
+-- member of), or every saga for members of the extension's owner.
+CREATE FUNCTION saga._may_control(role oid, owner oid) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT role = owner
+        OR pg_has_role(role, owner, 'MEMBER')
+        OR pg_has_role(role, (SELECT e.extowner FROM pg_extension e WHERE e.extname = 'saga'), 'MEMBER')
+$$;
+
+-- A step's action or compensation as written by the user, resolved.
+-- Returns {"kind": "function", "function": "schema.f(jsonb)"} or
+-- {"kind": "http", "destination": d, "path": p}.
+CREATE FUNCTION saga._resolve_call(step text, field text, spec jsonb, caller oid, caller_path text)
+RETURNS jsonb LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+DECLARE
+    fname text;
+    sig text;
+    fn regprocedure;
+    rettype oid;
+    kind "char";
+    retset boolean;
+    nsp name;
+    nsp_oid oid;
+    dest text;
+    dest_kind text;
+    path text;
+BEGIN
+    IF jsonb_typeof(spec) = 'string' THEN
+        fname := spec #>> '{}';
+    ELSIF jsonb_typeof(spec) = 'object' THEN
+        IF EXISTS (SELECT FROM jsonb_object_keys(spec) k WHERE k NOT IN ('function', 'destination', 'path')) THEN
+            RAISE EXCEPTION 'step "%": % has an unknown field', step, field
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = format('Allowed fields: function, destination, path; got %s.', spec);
+        END IF;
+        IF spec ? 'destination' THEN
+            dest := spec ->> 'destination';
+            SELECT d.kind INTO dest_kind FROM saga.destinations d WHERE d.name = dest;
+            IF NOT FOUND THEN
+                RAISE EXCEPTION 'step "%": % names destination "%", which does not exist', step, field, dest
+                    USING ERRCODE = 'undefined_object',
+                          HINT = 'Create it with saga.create_destination().';
+            END IF;
+            IF dest_kind <> 'http' THEN
+                RAISE EXCEPTION 'step "%": % names destination "%", which is not an HTTP destination', step, field, dest
+                    USING ERRCODE = 'invalid_parameter_value';
+            END IF;
+            IF spec ? 'function' THEN
+                RAISE EXCEPTION 'step "%": % has both "destination" and "function"', step, field
+                    USING ERRCODE = 'invalid_parameter_value',
+                          HINT = 'Remote functions through postgresql:// destinations are not supported yet.';
+            END IF;
+            RAISE EXCEPTION 'step "%": % calls destination "%": HTTP steps are not supported yet', step, field, dest
+                USING ERRCODE = 'feature_not_supported',
+                      HINT = 'Use a local function step, or an application-driven saga (saga.begin) that calls the service itself.';
+            path := coalesce(spec ->> 'path', '');
+            IF path <> '' AND left(path, 1) <> '/' OR path ~ '[[:cntrl:][:space:]]' THEN
+                RAISE EXCEPTION 'step "%": % has an invalid path "%"', step, field, path
+                    USING ERRCODE = 'invalid_parameter_value',
+                          HINT = 'A path starts with "/" and has no spaces or control characters.';
+            END IF;
+            RETURN jsonb_build_object('kind', 'http', 'destination', dest, 'path', path);
+        END IF;
+        IF jsonb_typeof(spec -> 'function') IS DISTINCT FROM 'string' THEN
+            RAISE EXCEPTION 'step "%": % needs "function" or "destination"', step, field
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        fname := spec ->> 'function';
+    ELSE
+        RAISE EXCEPTION 'step "%": % must be a function name or an object', step, field
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    IF fname IS NULL OR fname = '' THEN
+        RAISE EXCEPTION 'step "%": % has an empty function name', step, field
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    sig := fname || '(pg_catalog.jsonb)';
+    -- resolve the name as the caller would: under the caller's search_path,
+    -- calling only a fully qualified built-in while it is in effect
+    PERFORM pg_catalog.set_config('search_path', caller_path, true);
+    BEGIN
+        fn := pg_catalog.to_regprocedure(sig);
+    EXCEPTION WHEN OTHERS THEN
+        fn := NULL;
+    END;
+    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+    IF fn IS NULL THEN
+        RAISE EXCEPTION 'step "%": % function %(jsonb) does not exist', step, field, fname
+            USING ERRCODE = 'undefined_function',
+                  HINT = 'A step function takes one jsonb argument (the saga context) and returns jsonb.';
+    END IF;
+    SELECT p.prorettype, p.prokind, p.proretset, n.nspname, p.pronamespace
+    INTO rettype, kind, retset, nsp, nsp_oid
+    FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE p.oid = fn;
+    IF kind <> 'f' OR retset THEN
+        RAISE EXCEPTION 'step "%": % % is not a plain function returning one jsonb value', step, field, fn::text
+            USING ERRCODE = 'wrong_object_type';
+    END IF;
+    IF nsp LIKE 'pg\_temp\_%' OR nsp_oid = pg_my_temp_schema() THEN
+        RAISE EXCEPTION 'step "%": % % is a temporary function', step, field, fn::text
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'A saga outlives the session that defines it.';
+    END IF;
+    IF NOT has_schema_privilege(caller, nsp_oid, 'USAGE') THEN
+        RAISE EXCEPTION 'step "%": permission denied for schema %', step, nsp
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    IF rettype <> 'jsonb'::regtype THEN
+        RAISE EXCEPTION 'step "%": % function % returns %, not jsonb', step, field, fn::text, rettype::regtype
+            USING ERRCODE = 'datatype_mismatch';
+    END IF;
+    IF NOT has_function_privilege(caller, fn, 'EXECUTE') THEN
+        RAISE EXCEPTION 'step "%": permission denied for function %', step, fn::text
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    RETURN jsonb_build_object('kind', 'function', 'function', fn::text);
+END
+$$;
+
+CREATE FUNCTION saga._interval(step text, field text, v jsonb) RETURNS interval
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+DECLARE
+    i interval;
+BEGIN
+    IF jsonb_typeof(v) <> 'string' THEN
+        RAISE EXCEPTION '%: % must be an interval string such as "5s"', step, field
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    BEGIN
+        i := (v #>> '{}')::interval;
+    EXCEPTION WHEN invalid_datetime_format OR datetime_field_overflow OR interval_field_overflow THEN
+        RAISE EXCEPTION '%: % "%" is not a valid interval', step, field, v #>> '{}'
+            USING ERRCODE = 'invalid_parameter_value';
+    END;
+    IF i <= interval '0' THEN
+        RAISE EXCEPTION '%: % must be positive, not "%"', step, field, v #>> '{}'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN i;
+END
+$$;
+
+CREATE FUNCTION saga._define(name text, definition jsonb, caller oid, caller_path text) RETURNS integer
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+DECLARE
+    s jsonb;
+    steps jsonb := '[]';
+    step_name text;
+    seen text[] := '{}';
+    norm jsonb;
+    deadline interval;
+    prev_owner oid;
+    v integer;
+    i integer := 0;
+BEGIN
+    IF name = '' OR octet_length(name) > 63 THEN
+        RAISE EXCEPTION 'saga name must have 1 to 63 bytes'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF jsonb_typeof(definition) <> 'object' THEN
+        RAISE EXCEPTION 'saga definition must be a JSON object with "steps"'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF EXISTS (SELECT FROM jsonb_object_keys(definition) k WHERE k NOT IN ('steps', 'deadline')) THEN
+        RAISE EXCEPTION 'saga definition has an unknown field'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'Allowed fields: steps, deadline.';
+    END IF;
+    IF jsonb_typeof(definition -> 'steps') IS DISTINCT FROM 'array' OR jsonb_array_length(definition -> 'steps') = 0 THEN
+        RAISE EXCEPTION 'saga definition needs a non-empty "steps" array'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF definition ? 'deadline' THEN
+        deadline := saga._interval('saga', 'deadline', definition -> 'deadline');
+    END IF;
+
+    FOR s IN SELECT value FROM jsonb_array_elements(definition -> 'steps') LOOP
+        i := i + 1;
+        IF jsonb_typeof(s) <> 'object' THEN
+            RAISE EXCEPTION 'step % must be a JSON object', i USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        step_name := s ->> 'name';
+        IF jsonb_typeof(s -> 'name') IS DISTINCT FROM 'string' OR step_name = '' OR octet_length(step_name) > 63 THEN
+            RAISE EXCEPTION 'step % needs a "name" of 1 to 63 bytes', i USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF step_name = ANY (seen) THEN
+            RAISE EXCEPTION 'step "%" is defined twice', step_name USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        seen := seen || step_name;
+        IF EXISTS (SELECT FROM jsonb_object_keys(s) k
+                   WHERE k NOT IN ('name', 'action', 'compensation', 'timeout', 'max_attempts', 'backoff')) THEN
+            RAISE EXCEPTION 'step "%" has an unknown field', step_name
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = 'Allowed fields: name, action, compensation, timeout, max_attempts, backoff.';
+        END IF;
+        IF NOT s ? 'action' OR jsonb_typeof(s -> 'action') = 'null' THEN
+            RAISE EXCEPTION 'step "%" has no "action"', step_name USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        norm := jsonb_build_object(
+            'name', step_name,
+            'action', saga._resolve_call(step_name, 'action', s -> 'action', caller, caller_path),
+            'compensation', CASE WHEN jsonb_typeof(s -> 'compensation') IS NULL OR jsonb_typeof(s -> 'compensation') = 'null'
+                                 THEN NULL
+                                 ELSE saga._resolve_call(step_name, 'compensation', s -> 'compensation', caller, caller_path) END,
+            'timeout_ms', CASE WHEN s ? 'timeout'
+                               THEN (extract(epoch FROM saga._interval(format('step "%s"', step_name), 'timeout', s -> 'timeout')) * 1000)::bigint END,
+            'backoff_ms', CASE WHEN s ? 'backoff'
+                               THEN (extract(epoch FROM saga._interval(format('step "%s"', step_name), 'backoff', s -> 'backoff')) * 1000)::bigint
+                               ELSE 1000 END,
+            'max_attempts', CASE WHEN s ? 'max_attempts' THEN s -> 'max_attempts' ELSE '10' END);
+        IF jsonb_typeof(norm -> 'max_attempts') <> 'number' OR (norm ->> 'max_attempts') !~ '^[0-9]+$'
+           OR (norm ->> 'max_attempts')::numeric NOT BETWEEN 1 AND 1000 THEN
+            RAISE EXCEPTION 'step "%": max_attempts must be an integer from 1 to 1000', step_name
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        steps := steps || jsonb_build_array(norm);
+    END LOOP;
+
+    -- a name belongs to the role that first defined it
+    PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('saga.define:' || name));
+    SELECT d.owner INTO prev_owner FROM saga.definitions d WHERE d.name = _define.name
+    ORDER BY d.version DESC LIMIT 1 FOR UPDATE;
+    IF FOUND AND NOT saga._may_control(caller, prev_owner) THEN
+        RAISE EXCEPTION 'permission denied to redefine saga "%"', name
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = format('Saga "%s" was defined by role %s.', name, pg_get_userbyid(prev_owner));
+    END IF;
+    SELECT coalesce(max(d.version), 0) + 1 INTO v FROM saga.definitions d WHERE d.name = _define.name;
+    INSERT INTO saga.definitions (name, version, definition, steps, deadline, owner)
+    VALUES (name, v, definition, steps, deadline, coalesce(prev_owner, caller));
+    RETURN v;
+END
+$$;
+
+CREATE FUNCTION saga._start(p_name text, p_input jsonb, p_key text, caller oid, id uuid) RETURNS uuid
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    def record;
+    existing uuid;
+BEGIN
+    SELECT d.version, d.deadline INTO def FROM saga.definitions d
+    WHERE d.name = p_name ORDER BY d.version DESC LIMIT 1;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'saga "%" is not defined', p_name
+            USING ERRCODE = 'undefined_object', HINT = 'Define it with saga.define().';
+    END IF;
+    IF jsonb_typeof(p_input) <> 'object' THEN
+        RAISE EXCEPTION 'saga input must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    INSERT INTO saga.instances AS i (id, name, version, driver, status, input, owner, idempotency_key,
+                                     next_run_at, deadline)
+    VALUES (id, p_name, def.version, 'worker', 'running', p_input, caller, p_key,
+            now(), now() + def.deadline)
+    ON CONFLICT (name, owner, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING;
+    IF FOUND THEN
+        RETURN id;
+    END IF;
+    SELECT i.id INTO existing FROM saga.instances i
+    WHERE i.name = p_name AND i.owner = caller AND i.idempotency_key = p_key;
+    RETURN existing;
+END
+$$;
+
+CREATE FUNCTION saga._begin(p_name text, p_input jsonb, p_key text, p_deadline interval, caller oid, id uuid)
+RETURNS uuid LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    existing uuid;
+BEGIN
+    IF p_name = '' OR octet_length(p_name) > 63 THEN
+        RAISE EXCEPTION 'saga name must have 1 to 63 bytes' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF jsonb_typeof(p_input) <> 'object' THEN
+        RAISE EXCEPTION 'saga input must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF p_deadline <= interval '0' THEN
+        RAISE EXCEPTION 'deadline must be positive, not "%"', p_deadline USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    INSERT INTO saga.instances (id, name, version, driver, status, input, owner, idempotency_key,
+                                next_run_at, deadline)
+    VALUES (id, p_name, NULL, 'application', 'running', p_input, caller, p_key,
+            now() + p_deadline, now() + p_deadline)
+    ON CONFLICT (name, owner, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING;
+    IF FOUND THEN
+        RETURN id;
+    END IF;
+    SELECT i.id INTO existing FROM saga.instances i
+    WHERE i.name = p_name AND i.owner = caller AND i.idempotency_key = p_key;
+    RETURN existing;
+END
+$$;
+
+-- Lock a saga the caller may control, or raise a clear error.
+CREATE FUNCTION saga._lock(id uuid, caller oid) RETURNS saga.instances
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+DECLARE
+    s saga.instances;
+BEGIN
+    SELECT * INTO s FROM saga.instances i WHERE i.id = _lock.id FOR UPDATE;
+    IF NOT FOUND OR NOT saga._may_control(caller, s.owner) THEN
+        RAISE EXCEPTION 'saga % does not exist', id
+            USING ERRCODE = 'undefined_object';
+    END IF;
+    RETURN s;
+END
+$$;
+
+CREATE FUNCTION saga._check_compensation(step text, c jsonb, caller oid, caller_path text) RETURNS jsonb
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+DECLARE
+    resolved jsonb;
+BEGIN
+    IF c IS NULL OR jsonb_typeof(c) = 'null' THEN
+        RETURN NULL;
+    END IF;
+    IF jsonb_typeof(c) <> 'object' THEN
+        RAISE EXCEPTION 'step "%": compensation must be a JSON object such as {"function": "schema.f", "args": {}}', step
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF EXISTS (SELECT FROM jsonb_object_keys(c) k WHERE k NOT IN ('function', 'destination', 'path', 'args', 'body')) THEN
+        RAISE EXCEPTION 'step "%": compensation has an unknown field', step
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'Allowed fields: function, args, destination, path, body.';
+    END IF;
+    resolved := saga._resolve_call(step, 'compensation', c - 'args' - 'body', caller, caller_path);
+    IF c ? 'args' THEN
+        resolved := resolved || jsonb_build_object('args', c -> 'args');
+    END IF;
+    IF c ? 'body' THEN
+        resolved := resolved || jsonb_build_object('body', c -> 'body');
+    END IF;
+    RETURN resolved;
+END
+$$;
+
+CREATE FUNCTION saga._step(id uuid, step text, compensation jsonb, result jsonb, caller oid, caller_path text)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+DECLARE
+    s saga.instances := saga._lock(id, caller);
+    comp jsonb;
+BEGIN
+    IF s.driver <> 'application' THEN
+        RAISE EXCEPTION 'saga % is run by the worker', id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'saga.step() records steps of sagas begun with saga.begin().';
+    END IF;
+    IF s.status <> 'running' THEN
+        RAISE EXCEPTION 'saga % is %, it takes no more steps', id, s.status
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    IF step = '' OR octet_length(step) > 63 THEN
+        RAISE EXCEPTION 'step name must have 1 to 63 bytes' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF EXISTS (SELECT FROM saga.instance_steps x WHERE x.saga_id = id AND x.step = _step.step) THEN
+        RAISE EXCEPTION 'saga % already has a step "%"', id, step USING ERRCODE = 'unique_violation';
+    END IF;
+    comp := saga._check_compensation(step, compensation, caller, caller_path);
+    INSERT INTO saga.instance_steps (saga_id, position, step, status, attempts, result, compensation, finished_at)
+    VALUES (id, s.position, step, 'done', 1, result, comp, now());
+    UPDATE saga.instances i
+    SET position = i.position + 1,
+        results = i.results || jsonb_build_object(step, result),
+        updated_at = now()
+    WHERE i.id = _step.id;
+END
+$$;
+
+CREATE FUNCTION saga._complete(id uuid, result jsonb, caller oid) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+DECLARE
+    s saga.instances := saga._lock(id, caller);
+BEGIN
+    IF s.status = 'completed' THEN
+        RAISE NOTICE 'saga % is already completed', id;
+        RETURN;
+    END IF;
+    IF s.driver <> 'application' THEN
+        RAISE EXCEPTION 'saga % is run by the worker; it completes by itself', id
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    IF s.status <> 'running' THEN
+        RAISE EXCEPTION 'saga % is %, it cannot complete', id, s.status
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    UPDATE saga.instances i
+    SET status = 'completed', result = _complete.result, next_run_at = NULL,
+        updated_at = now(), finished_at = now()
+    WHERE i.id = _complete.id;
+END
+$$;
+
+-- fail (application) and cancel (anyone who controls the saga): a running
+-- saga starts compensating; asking again is a no-op.
+CREATE FUNCTION saga._abort(id uuid, reason text, caller oid, action text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+DECLARE
+    s saga.instances := saga._lock(id, caller);
+BEGIN
+    IF action = 'fail' AND s.driver <> 'application' THEN
+        RAISE EXCEPTION 'saga % is run by the worker', id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Use saga.cancel() to stop it.';
+    END IF;
+    IF s.status IN ('compensating', 'compensated', 'failed') THEN
+        RAISE NOTICE 'saga % is already %', id, s.status;
+        RETURN;
+    END IF;
+    IF s.status = 'completed' THEN
+        RAISE EXCEPTION 'saga % is already completed', id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'A completed saga is not compensated.';
+    END IF;
+    UPDATE saga.instances i
+    SET status = 'compensating', error = reason, attempts = 0, next_run_at = now(), updated_at = now()
+    WHERE i.id = _abort.id;
+END
+$$;
+
+CREATE FUNCTION saga._retry(id uuid, caller oid) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+DECLARE
+    s saga.instances := saga._lock(id, caller);
+BEGIN
+    IF s.status <> 'failed' THEN
+        RAISE EXCEPTION 'saga % is %, only a failed saga can be retried', id, s.status
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    UPDATE saga.instance_steps x SET status = 'done', compensation_attempts = 0, updated_at = now()
+    WHERE x.saga_id = id AND x.status = 'compensation_failed';
+    UPDATE saga.instances i
+    SET status = 'compensating', attempts = 0, next_run_at = now(), updated_at = now(), finished_at = NULL
+    WHERE i.id = _retry.id;
+END
+$$;
+
+CREATE FUNCTION saga._get(id uuid, caller oid) RETURNS jsonb
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+DECLARE
+    s saga.instances;
+    steps jsonb;
+    timeline jsonb;
+BEGIN
+    SELECT * INTO s FROM saga.instances i WHERE i.id = _get.id;
+    IF NOT FOUND OR NOT saga._may_control(caller, s.owner) THEN
+        RAISE EXCEPTION 'saga % does not exist', id USING ERRCODE = 'undefined_object';
+    END IF;
+    SELECT coalesce(jsonb_agg(jsonb_strip_nulls(jsonb_build_object(
+               'step', x.step, 'position', x.position, 'status', x.status, 'attempts', x.attempts,
+               'result', x.result, 'error', x.error, 'compensation', x.compensation,
+               'compensation_attempts', nullif(x.compensation_attempts, 0),
+               'compensation_result', x.compensation_result, 'compensation_error', x.compensation_error,
+               'started_at', x.started_at, 'finished_at', x.finished_at, 'compensated_at', x.compensated_at))
+               ORDER BY x.position), '[]')
+    INTO steps FROM saga.instance_steps x WHERE x.saga_id = id;
+    SELECT coalesce(jsonb_agg(jsonb_strip_nulls(jsonb_build_object('at', e.at, 'event', e.event, 'step', e.step))
+                              ORDER BY e.at, e.ord), '[]')
+    INTO timeline
+    FROM (SELECT s.started_at AS at, 0 AS ord, 'started' AS event, NULL::text AS step
+          UNION ALL
+          SELECT x.finished_at, 1 + x.position, CASE WHEN x.status = 'failed' THEN 'step failed' ELSE 'step done' END, x.step
+          FROM saga.instance_steps x WHERE x.saga_id = id AND x.finished_at IS NOT NULL
+          UNION ALL
+          SELECT x.compensated_at, 100000 - x.position, 'step compensated', x.step
+          FROM saga.instance_steps x WHERE x.saga_id = id AND x.compensated_at IS NOT NULL
+          UNION ALL
+          SELECT s.finished_at, 200000, s.status, NULL
+          WHERE s.finished_at IS NOT NULL) e;
+    RETURN jsonb_strip_nulls(jsonb_build_object(
+        'id', s.id, 'name', s.name, 'version', s.version, 'driver', s.driver, 'status', s.status,
+        'input', s.input, 'result', s.result, 'error', s.error,
+        'started_at', s.started_at, 'updated_at', s.updated_at, 'deadline', s.deadline,
+        'finished_at', s.finished_at, 'steps', steps, 'timeline', timeline));
+END
+$$;
+
+CREATE FUNCTION saga._status(id uuid, caller oid) RETURNS text
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+DECLARE
+    s saga.instances;
+BEGIN
+    SELECT * INTO s FROM saga.instances i WHERE i.id = _status.id;
+    IF NOT FOUND OR NOT saga._may_control(caller, s.owner) THEN
+        RAISE EXCEPTION 'saga % does not exist', id USING ERRCODE = 'undefined_object';
+    END IF;
+    RETURN s.status;
+END
+$$;
+
+-- ---------- the worker's side ----------
+
+-- What the worker does next for a saga it has locked: settle its state
+-- (deadline, completion, end of compensation) and return the next call to
+-- make, or nothing. The call is (phase, position, step, call, ctx, attempt,
+-- max_attempts, backoff_ms); phase is 'action' or 'compensation'.
+CREATE FUNCTION saga._next(s saga.instances,
+    OUT saga_id uuid, OUT owner oid, OUT phase text, OUT step_position integer, OUT step text,
+    OUT call jsonb, OUT ctx jsonb, OUT attempt integer)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+DECLARE
+    def jsonb;
+    st jsonb;
+    x saga.instance_steps;
+BEGIN
+    saga_id := s.id;
+    owner := s.owner;
+    IF s.status = 'running' AND s.deadline <= clock_timestamp() THEN
+        UPDATE saga.instances i SET status = 'compensating', attempts = 0,
+            error = coalesce(i.error, 'deadline passed'), updated_at = clock_timestamp()
+        WHERE i.id = s.id RETURNING * INTO s;
+    END IF;
+
+    IF s.status = 'running' AND s.driver = 'application' THEN
+        UPDATE saga.instances i SET next_run_at = i.deadline WHERE i.id = s.id;
+        RETURN;
+    END IF;
+
+    IF s.status = 'running' THEN
+        SELECT d.steps INTO def FROM saga.definitions d WHERE d.name = s.name AND d.version = s.version;
+        IF s.position >= jsonb_array_length(def) THEN
+            UPDATE saga.instances i SET status = 'completed', next_run_at = NULL, attempts = 0,
+                updated_at = clock_timestamp(), finished_at = clock_timestamp()
+            WHERE i.id = s.id;
+            RETURN;
+        END IF;
+        st := def -> s.position;
+        phase := 'action';
+        step_position := s.position;
+        step := st ->> 'name';
+        call := (st -> 'action') || jsonb_build_object('max_attempts', st -> 'max_attempts',
+                    'backoff_ms', st -> 'backoff_ms', 'timeout_ms', st -> 'timeout_ms');
+        attempt := s.attempts + 1;
+        ctx := jsonb_build_object('saga_id', s.id, 'saga', s.name, 'input', s.input,
+                                  'steps', s.results, 'step', step, 'attempt', attempt);
+        RETURN;
+    END IF;
+
+    IF s.status = 'compensating' THEN
+        -- newest first: the latest step that is done (or whose outcome is
+        -- unknown) and has a compensation still to run
+        SELECT * INTO x FROM saga.instance_steps y
+        WHERE y.saga_id = s.id AND y.status IN ('done', 'retrying') AND y.compensation IS NOT NULL
+        ORDER BY y.position DESC LIMIT 1;
+        IF NOT FOUND THEN
+            UPDATE saga.instances i SET status = 'compensated', next_run_at = NULL, attempts = 0,
+                updated_at = clock_timestamp(), finished_at = clock_timestamp()
+            WHERE i.id = s.id;
+            RETURN;
+        END IF;
+        phase := 'compensation';
+        step_position := x.position;
+        step := x.step;
+        call := x.compensation || jsonb_build_object('max_attempts', 10, 'backoff_ms', 1000);
+        IF s.driver = 'worker' THEN
+            SELECT (d.steps -> x.position) -> 'max_attempts', (d.steps -> x.position) -> 'backoff_ms'
+            INTO st, def FROM saga.definitions d WHERE d.name = s.name AND d.version = s.version;
+            call := call || jsonb_build_object('max_attempts', st, 'backoff_ms', def);
+        END IF;
+        attempt := x.compensation_attempts + 1;
+        ctx := jsonb_build_object('saga_id', s.id, 'saga', s.name, 'input', s.input,
+                                  'steps', s.results, 'step', step, 'attempt', attempt,
+                                  'error', s.error);
+        IF x.compensation ? 'args' THEN
+            ctx := ctx || jsonb_build_object('args', x.compensation -> 'args');
+        END IF;
+        RETURN;
+    END IF;
+
+    -- terminal: nothing to do
+    UPDATE saga.instances i SET next_run_at = NULL WHERE i.id = s.id AND i.next_run_at IS NOT NULL;
+END
+$$;
+
+-- Sagas the worker has something to do for, locked, each with its next call.
+CREATE FUNCTION saga._claim(lim integer)
+RETURNS TABLE (saga_id uuid, owner oid, phase text, step_position integer, step text,
+               call jsonb, ctx jsonb, attempt integer)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+DECLARE
+    s saga.instances;
+BEGIN
+    FOR s IN SELECT * FROM saga.instances i
+             WHERE i.next_run_at <= now()
+             ORDER BY i.next_run_at LIMIT lim
+             FOR UPDATE SKIP LOCKED LOOP
+        SELECT * INTO saga_id, owner, phase, step_position, step, call, ctx, attempt FROM saga._next(s);
+        IF phase IS NOT NULL THEN
+            RETURN NEXT;
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- A call succeeded: record its result and return the saga's next call.
+CREATE FUNCTION saga._succeeded(id uuid, phase text, pos integer, step text, n integer, result jsonb,
+    OUT saga_id uuid, OUT owner oid, OUT next_phase text, OUT step_position integer, OUT next_step text,
+    OUT next_call jsonb, OUT ctx jsonb, OUT attempt integer)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+DECLARE
+    s saga.instances;
+    comp jsonb;
+BEGIN
+    IF phase = 'action' THEN
+        SELECT (d.steps -> pos) -> 'compensation' INTO comp
+        FROM saga.instances i JOIN saga.definitions d ON d.name = i.name AND d.version = i.version
+        WHERE i.id = _succeeded.id;
+        IF jsonb_typeof(comp) = 'null' THEN
+            comp := NULL;
+        END IF;
+        INSERT INTO saga.instance_steps AS x (saga_id, position, step, status, attempts, result, compensation, finished_at)
+        VALUES (id, pos, step, 'done', n, result, comp, clock_timestamp())
+        ON CONFLICT ON CONSTRAINT instance_steps_pkey DO UPDATE
+        SET status = 'done', attempts = excluded.attempts, result = excluded.result, error = NULL,
+            finished_at = clock_timestamp(), updated_at = clock_timestamp();
+        UPDATE saga.instances i
+        SET position = pos + 1, attempts = 0, results = i.results || jsonb_build_object(step, result),
+            updated_at = clock_timestamp()
+        WHERE i.id = _succeeded.id RETURNING * INTO s;
+    ELSE
+        UPDATE saga.instance_steps x
+        SET status = 'compensated', compensation_attempts = n,
+            compensation_result = result, compensation_error = NULL, compensated_at = clock_timestamp(), updated_at = clock_timestamp()
+        WHERE x.saga_id = id AND x.position = pos;
+        UPDATE saga.instances i SET attempts = 0, updated_at = clock_timestamp()
+        WHERE i.id = _succeeded.id RETURNING * INTO s;
+    END IF;
+    SELECT * INTO saga_id, owner, next_phase, step_position, next_step, next_call, ctx, attempt FROM saga._next(s);
+END
+$$;
+
+-- A call failed. transient: worth retrying (connection, serialization,
+-- resources, shutdown, lock time-out). Returns the saga's next call when it
+-- can go on at once (its first compensation), else nothing.
+CREATE FUNCTION saga._failed(id uuid, phase text, pos integer, step text, n integer, call jsonb,
+    transient boolean, error text,
+    OUT saga_id uuid, OUT owner oid, OUT next_phase text, OUT step_position integer, OUT next_step text,
+    OUT next_call jsonb, OUT ctx jsonb, OUT attempt integer)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+DECLARE
+    s saga.instances;
+    max_attempts integer := coalesce((call ->> 'max_attempts')::integer, 10);
+    delay interval := least(interval '5 minutes',
+        make_interval(secs => coalesce((call ->> 'backoff_ms')::float8, 1000) / 1000
+                              * power(2, least(n - 1, 20)) * (0.75 + random() / 2)));
+BEGIN
+    IF phase = 'action' THEN
+        IF transient AND n < max_attempts THEN
+            INSERT INTO saga.instance_steps AS x (saga_id, position, step, status, attempts, error)
+            VALUES (id, pos, step, 'retrying', n, error)
+            ON CONFLICT ON CONSTRAINT instance_steps_pkey DO UPDATE
+            SET attempts = excluded.attempts, error = excluded.error, updated_at = clock_timestamp();
+            UPDATE saga.instances i SET attempts = n, next_run_at = least(clock_timestamp() + delay, i.deadline), updated_at = clock_timestamp()
+            WHERE i.id = _failed.id;
+            RETURN;
+        END IF;
+        -- a step that never succeeded has nothing to compensate, unless its
+        -- outcome is unknown (a remote call that timed out); local steps
+        -- roll back with their subtransaction
+        INSERT INTO saga.instance_steps AS x (saga_id, position, step, status, attempts, error, finished_at)
+        VALUES (id, pos, step, 'failed', n, error, clock_timestamp())
+        ON CONFLICT ON CONSTRAINT instance_steps_pkey DO UPDATE
+        SET status = 'failed', attempts = excluded.attempts, error = excluded.error,
+            finished_at = clock_timestamp(), updated_at = clock_timestamp();
+        UPDATE saga.instances i
+        SET status = 'compensating', attempts = 0, updated_at = clock_timestamp(), next_run_at = clock_timestamp(),
+            error = format('step "%s" failed%s: %s', step,
+                           CASE WHEN transient THEN format(' after %s attempts', n) ELSE '' END, error)
+        WHERE i.id = _failed.id RETURNING * INTO s;
+        SELECT * INTO saga_id, owner, next_phase, step_position, next_step, next_call, ctx, attempt FROM saga._next(s);
+        RETURN;
+    END IF;
+
+    -- a compensation is retried whatever the error, until its attempts run out
+    IF n < max_attempts THEN
+        UPDATE saga.instance_steps x SET compensation_attempts = n, compensation_error = error, updated_at = clock_timestamp()
+        WHERE x.saga_id = id AND x.position = pos;
+        UPDATE saga.instances i SET next_run_at = clock_timestamp() + delay, updated_at = clock_timestamp()
+        WHERE i.id = _failed.id;
+        RETURN;
+    END IF;
+    UPDATE saga.instance_steps x
+    SET status = 'compensation_failed', compensation_attempts = n, compensation_error = error, updated_at = clock_timestamp()
+    WHERE x.saga_id = id AND x.position = pos;
+    UPDATE saga.instances i
+    SET status = 'failed', next_run_at = NULL, updated_at = clock_timestamp(), finished_at = clock_timestamp(),
+        error = format('%s; compensation of step "%s" failed after %s attempts: %s',
+                       coalesce(i.error, 'saga failed'), step, n, error)
+    WHERE i.id = _failed.id;
+END
+$$;
+
+COMMENT ON FUNCTION saga._may_control(oid, oid) IS 'internal: may a role see and control sagas owned by another role';
+COMMENT ON FUNCTION saga._resolve_call(text, text, jsonb, oid, text) IS 'internal: validate and resolve a step action or compensation';
+COMMENT ON FUNCTION saga._interval(text, text, jsonb) IS 'internal: read an interval of a saga definition';
+COMMENT ON FUNCTION saga._define(text, jsonb, oid, text) IS 'internal: saga.define() as the extension owner';
+COMMENT ON FUNCTION saga._start(text, jsonb, text, oid, uuid) IS 'internal: saga.start() as the extension owner';
+COMMENT ON FUNCTION saga._begin(text, jsonb, text, interval, oid, uuid) IS 'internal: saga.begin() as the extension owner';
+COMMENT ON FUNCTION saga._lock(uuid, oid) IS 'internal: lock a saga the caller may control';
+COMMENT ON FUNCTION saga._check_compensation(text, jsonb, oid, text) IS 'internal: validate a compensation given to saga.step()';
+COMMENT ON FUNCTION saga._step(uuid, text, jsonb, jsonb, oid, text) IS 'internal: saga.step() as the extension owner';
+COMMENT ON FUNCTION saga._complete(uuid, jsonb, oid) IS 'internal: saga.complete() as the extension owner';
+COMMENT ON FUNCTION saga._abort(uuid, text, oid, text) IS 'internal: saga.fail() and saga.cancel() as the extension owner';
+COMMENT ON FUNCTION saga._retry(uuid, oid) IS 'internal: saga.retry() as the extension owner';
+COMMENT ON FUNCTION saga._get(uuid, oid) IS 'internal: saga.get() as the extension owner';
+COMMENT ON FUNCTION saga._status(uuid, oid) IS 'internal: the status saga.wait() polls';
+COMMENT ON FUNCTION saga._next(saga.instances) IS 'internal (worker): settle a saga and return its next call';
+COMMENT ON FUNCTION saga._claim(integer) IS 'internal (worker): lock due sagas and return their next calls';
+COMMENT ON FUNCTION saga._succeeded(uuid, text, integer, text, integer, jsonb) IS 'internal (worker): record a call that succeeded';
+COMMENT ON FUNCTION saga._failed(uuid, text, integer, text, integer, jsonb, boolean, text) IS 'internal (worker): record a call that failed';
+
+-- ---------- views ----------
+
+CREATE VIEW saga.sagas WITH (security_barrier) AS
+SELECT i.id, i.name, i.version, i.status, i.input, i.error, i.started_at, i.updated_at, i.deadline,
+       i.driver, pg_catalog.pg_get_userbyid(i.owner) AS owner, i.idempotency_key, i.result, i.finished_at
+FROM saga.instances i
+WHERE saga._may_control((SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = current_user), i.owner);
+COMMENT ON VIEW saga.sagas IS 'sagas of the current role (every saga for administrators)';
+
+CREATE VIEW saga.saga_steps WITH (security_barrier) AS
+SELECT x.saga_id, x.step, x.position, x.status, x.attempts, x.result, x.error, x.updated_at,
+       x.compensation, x.compensation_attempts, x.compensation_error, x.started_at, x.finished_at, x.compensated_at
+FROM saga.instance_steps x JOIN saga.instances i ON i.id = x.saga_id
+WHERE saga._may_control((SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = current_user), i.owner);
+COMMENT ON VIEW saga.saga_steps IS 'steps of the current role''s sagas, with results, attempts and errors';
+
+CREATE VIEW saga.stuck WITH (security_barrier) AS
+SELECT i.id, i.name, i.status,
+       CASE WHEN i.status = 'failed' THEN i.error
+            ELSE format('deadline passed at %s', i.deadline) END AS reason,
+       CASE WHEN i.status = 'failed' THEN i.finished_at ELSE i.deadline END AS since
+FROM saga.instances i
+WHERE (i.status = 'failed' OR (i.status IN ('running', 'compensating') AND i.deadline < pg_catalog.now()))
+  AND saga._may_control((SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = current_user), i.owner);
+COMMENT ON VIEW saga.stuck IS 'sagas that need an operator: failed compensations, or past their deadline';
+
+-- ---------- the saga API ----------
+
+CREATE FUNCTION saga.define(name text, definition jsonb)
+RETURNS integer LANGUAGE c AS 'MODULE_PATHNAME', 'saga_define';
+COMMENT ON FUNCTION saga.define(text, jsonb) IS 'define a saga (a new version if it exists); returns the version';
+
+CREATE FUNCTION saga.start(name text, input jsonb DEFAULT '{}', idempotency_key text DEFAULT NULL)
+RETURNS uuid LANGUAGE c AS 'MODULE_PATHNAME', 'saga_start';
+COMMENT ON FUNCTION saga.start(text, jsonb, text) IS 'start a worker-driven saga in the current transaction; returns its id';
+
+CREATE FUNCTION saga.begin(name text, input jsonb DEFAULT '{}', idempotency_key text DEFAULT NULL,
+                           deadline interval DEFAULT '1 hour')
+RETURNS uuid LANGUAGE c AS 'MODULE_PATHNAME', 'saga_begin';
+COMMENT ON FUNCTION saga.begin(text, jsonb, text, interval) IS 'begin an application-driven saga; returns its id';
+
+CREATE FUNCTION saga.step(saga_id uuid, step text, compensation jsonb DEFAULT NULL, result jsonb DEFAULT NULL)
+RETURNS void LANGUAGE c AS 'MODULE_PATHNAME', 'saga_step';
+COMMENT ON FUNCTION saga.step(uuid, text, jsonb, jsonb) IS 'record, in the current transaction, a step done and how to undo it';
+
+CREATE FUNCTION saga.complete(saga_id uuid, result jsonb DEFAULT NULL)
+RETURNS void LANGUAGE c AS 'MODULE_PATHNAME', 'saga_complete';
+COMMENT ON FUNCTION saga.complete(uuid, jsonb) IS 'complete an application-driven saga';
+
+CREATE FUNCTION saga.fail(saga_id uuid, reason text)
+RETURNS void LANGUAGE c AS 'MODULE_PATHNAME', 'saga_fail';
+COMMENT ON FUNCTION saga.fail(uuid, text) IS 'fail an application-driven saga: the worker compensates its steps newest-first';
+
+CREATE FUNCTION saga.cancel(saga_id uuid, reason text)
+RETURNS void LANGUAGE c AS 'MODULE_PATHNAME', 'saga_cancel';
+COMMENT ON FUNCTION saga.cancel(uuid, text) IS 'fail a running saga from outside: the worker compensates what it did';
+
+CREATE FUNCTION saga.retry(saga_id uuid)
+RETURNS void LANGUAGE c AS 'MODULE_PATHNAME', 'saga_retry';
+COMMENT ON FUNCTION saga.retry(uuid) IS 'resume the compensations of a failed saga';
+
+CREATE FUNCTION saga.get(saga_id uuid)
+RETURNS jsonb LANGUAGE c AS 'MODULE_PATHNAME', 'saga_get';
+COMMENT ON FUNCTION saga.get(uuid) IS 'a saga: status, input, steps with results and errors, timeline';
+
+CREATE FUNCTION saga.wait(saga_id uuid, timeout interval DEFAULT '30s')
+RETURNS text LANGUAGE c AS 'MODULE_PATHNAME', 'saga_wait';
+COMMENT ON FUNCTION saga.wait(uuid, interval) IS 'wait until a saga is completed, compensated or failed, or the timeout passes; returns its status';
+
+-- Exactly-once calls: one row per action key, written in the caller's
+-- transaction together with what the action did. Functions are recorded by
+-- their qualified signature (an OID would not survive dump and restore, and
+-- pg_upgrade refuses regprocedure columns).
+CREATE TABLE saga.invocations (
+    key text PRIMARY KEY CHECK (octet_length(key) BETWEEN 1 AND 512),
+    status text NOT NULL CHECK (status IN ('executed', 'compensated', 'tombstone')),
+    fn text,
+    result jsonb,
+    invoked_at timestamptz,
+    invoked_by regrole,
+    compensation_fn text,
+    compensation_result jsonb,
+    compensated_at timestamptz,
+    compensated_by regrole,
+    CHECK ((status = 'tombstone') = (invoked_at IS NULL)),
+    CHECK ((status = 'executed') = (compensated_at IS NULL))
+);
+COMMENT ON TABLE saga.invocations IS 'actions run by saga.invoke() and compensated by saga.compensate(), one row per key; a tombstone is a compensation that came before its action';
+COMMENT ON COLUMN saga.invocations.status IS 'executed: the action ran; compensated: it ran and was undone; tombstone: compensated before it ran, so it never will';
+COMMENT ON COLUMN saga.invocations.fn IS 'the action function, schema-qualified (NULL for a tombstone)';
+COMMENT ON COLUMN saga.invocations.result IS 'what the action function returned; saga.invoke() returns it again for a repeated key';
+COMMENT ON COLUMN saga.invocations.compensation_fn IS 'the compensation function, schema-qualified';
+COMMENT ON COLUMN saga.invocations.compensation_result IS 'what the compensation function returned (NULL for a tombstone)';
+SELECT pg_catalog.pg_extension_config_dump('saga.invocations', '');
+
+CREATE FUNCTION saga.invoke(key text, fn regprocedure, ctx jsonb)
+RETURNS jsonb LANGUAGE c AS 'MODULE_PATHNAME', 'saga_invoke';
+COMMENT ON FUNCTION saga.invoke(text, regprocedure, jsonb) IS 'run fn(ctx) once per key, in the current transaction and as the current user; a repeat returns the stored result';
+
+CREATE FUNCTION saga.compensate(action_key text, fn regprocedure, ctx jsonb)
+RETURNS jsonb LANGUAGE c AS 'MODULE_PATHNAME', 'saga_compensate';
+COMMENT ON FUNCTION saga.compensate(text, regprocedure, jsonb) IS 'run fn(ctx) once if the action with this key ran here; otherwise leave a tombstone that refuses a later saga.invoke() of it, and return NULL';
+
 -- Privileges: nothing for PUBLIC but the application API.
 REVOKE ALL ON ALL TABLES IN SCHEMA saga FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA saga FROM PUBLIC;
@@ -141,3 +1037,17 @@ GRANT USAGE ON SCHEMA saga TO PUBLIC;
 GRANT EXECUTE ON FUNCTION saga.publish(text, jsonb, text, jsonb, timestamptz) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION saga.message(uuid) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION saga.worker_status() TO PUBLIC;
+GRANT EXECUTE ON FUNCTION saga.define(text, jsonb) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION saga.start(text, jsonb, text) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION saga.begin(text, jsonb, text, interval) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION saga.step(uuid, text, jsonb, jsonb) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION saga.complete(uuid, jsonb) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION saga.fail(uuid, text) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION saga.cancel(uuid, text) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION saga.retry(uuid) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION saga.get(uuid) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION saga.wait(uuid, interval) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION saga._may_control(oid, oid) TO PUBLIC;
+GRANT SELECT ON saga.sagas, saga.saga_steps, saga.stuck TO PUBLIC;
+GRANT EXECUTE ON FUNCTION saga.invoke(text, regprocedure, jsonb) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION saga.compensate(text, regprocedure, jsonb) TO PUBLIC;

@@ -1082,7 +1082,15 @@ saga_metrics(PG_FUNCTION_ARGS)
 			" SELECT 'outbox_lag_seconds', jsonb_build_object('destination', d.name),"
 			"   coalesce((SELECT extract(epoch FROM now() - min(q.next_attempt_at)) FROM saga.queue q"
 			"     WHERE q.destination = d.name AND q.status = 'pending' AND q.next_attempt_at <= now()), 0)::float8, d.name"
-			" FROM saga.destinations d) m ORDER BY m.name, m.sort",
+			" FROM saga.destinations d"
+			" UNION ALL"
+			" SELECT 'sagas', jsonb_build_object('status', st.status),"
+			"   (SELECT count(*) FROM saga.instances i WHERE i.status = st.status)::float8, st.status"
+			" FROM unnest(ARRAY['running', 'compensating', 'completed', 'compensated', 'failed']) st(status)"
+			" UNION ALL"
+			" SELECT 'sagas_past_deadline', '{}', count(*)::float8, ''"
+			" FROM saga.instances i WHERE i.status IN ('running', 'compensating') AND i.deadline < now()"
+			") m ORDER BY m.name, m.sort",
 			0, NULL, NULL, NULL, true);
 	for (uint64 i = 0; i < SPI_processed; i++)
 	{

@@ -30,6 +30,7 @@
 #include "utils/timestamp.h"
 
 #include "compat.h"
+#include "engine.h"
 #include "outbox.h"
 
 /*
@@ -43,6 +44,14 @@
 
 /* at most this many NOTIFY batches per destination before looking at HTTP */
 #define NOTIFY_BATCHES_PER_CYCLE	8
+
+/*
+ * Sagas per transaction: each call is a subtransaction, and a transaction
+ * with more than 64 subtransactions that wrote overflows the snapshot's
+ * subxid cache, which slows every other session's visibility checks.
+ */
+#define SAGAS_PER_TRANSACTION	20
+#define SAGA_BATCHES_PER_CYCLE	25
 
 #define RETENTION_SWEEP_MS	60000
 
@@ -205,6 +214,7 @@ run_cycle(SagaHttp *http, bool sweep_retained, bool reread, TimestampTz *next_du
 	List	   *dests;
 	SagaRecordCounts counts;
 	ListCell   *lc;
+	TimestampTz due;
 	bool		more = false;
 
 	foreach(lc, finished)
@@ -224,7 +234,6 @@ run_cycle(SagaHttp *http, bool sweep_retained, bool reread, TimestampTz *next_du
 	foreach(lc, dests)
 	{
 		SagaDestination *dest = lfirst(lc);
-		TimestampTz due;
 
 		if (dest->kind == SAGA_DEST_HTTP)
 		{
@@ -241,6 +250,9 @@ run_cycle(SagaHttp *http, bool sweep_retained, bool reread, TimestampTz *next_du
 	}
 	if (sweep_retained)
 		saga_outbox_expire_retained();
+	due = saga_engine_next_due();
+	if (due != 0 && (*next_due == 0 || due < *next_due))
+		*next_due = due;
 	end_work();
 
 	/* committed: the outcomes are durable, the claims are ours */
@@ -274,6 +286,22 @@ run_cycle(SagaHttp *http, bool sweep_retained, bool reread, TimestampTz *next_du
 			if (sent < saga_batch_size)
 				break;
 		}
+	}
+
+	for (int batch = 0;; batch++)
+	{
+		int			sagas;
+
+		if (batch == SAGA_BATCHES_PER_CYCLE)
+		{
+			more = true;
+			break;
+		}
+		begin_work("running sagas");
+		sagas = saga_engine_run(SAGAS_PER_TRANSACTION);
+		end_work();
+		if (sagas < SAGAS_PER_TRANSACTION)
+			break;
 	}
 
 	SpinLockAcquire(&saga_shared->mutex);

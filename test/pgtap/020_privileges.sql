@@ -8,7 +8,7 @@
 \pset pager off
 
 BEGIN;
-SELECT plan(78);
+SELECT plan(82);
 
 CREATE ROLE saga_test_app;
 CREATE FUNCTION public.saga_test_trigger() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NEW; END';
@@ -41,7 +41,10 @@ SELECT function_privs_are('saga', 'worker_status', ARRAY[]::text[], 'saga_test_a
 SELECT set_eq($$
 	SELECT p.proname::text FROM pg_proc p
 	WHERE p.pronamespace = 'saga'::regnamespace AND has_function_privilege('public', p.oid, 'EXECUTE')
-$$, ARRAY['publish', 'message', 'worker_status'], 'PUBLIC may execute publish, message and worker_status only');
+$$, ARRAY['publish', 'message', 'worker_status', 'invoke', 'compensate',
+		'define', 'start', 'begin', 'step', 'complete', 'fail', 'cancel', 'retry', 'get', 'wait',
+		'_may_control'],
+	'PUBLIC may execute the application API only');
 
 -- the schema: USAGE, never CREATE
 SELECT schema_privs_are('saga', 'public', ARRAY['USAGE']);
@@ -60,7 +63,12 @@ SELECT is_empty($$
 	SELECT c.oid::regclass::text || ': ' || a.privilege_type
 	FROM pg_class c, aclexplode(c.relacl) a
 	WHERE c.relnamespace = 'saga'::regnamespace AND a.grantee = 0
-$$, 'no relation in schema saga grants anything to PUBLIC');
+$$ || $$ AND c.relname NOT IN ('sagas', 'saga_steps', 'stuck')$$,
+	'no relation in schema saga grants anything to PUBLIC but the saga views');
+SELECT table_privs_are('saga', 'sagas', 'public', ARRAY['SELECT']);
+SELECT table_privs_are('saga', 'saga_steps', 'public', ARRAY['SELECT']);
+SELECT table_privs_are('saga', 'stuck', 'public', ARRAY['SELECT']);
+SELECT table_privs_are('saga', 'instances', 'public', ARRAY[]::text[]);
 SELECT is_empty($$
 	SELECT c.oid::regclass::text || '.' || att.attname
 	FROM pg_class c JOIN pg_attribute att ON att.attrelid = c.oid

@@ -1,0 +1,328 @@
+/*
+ * engine.c
+ *		The worker's side of sagas: run the next call of every saga that is
+ *		due, each call in its own subtransaction, all in one transaction.
+ *
+ * The state machine lives in SQL (saga._claim, saga._succeeded,
+ * saga._failed); this file makes the calls. A local step's effects and the
+ * record of its result commit together, so each step takes effect exactly
+ * once; a failing step rolls back only its own subtransaction and its error
+ * becomes data. Consecutive steps of one saga run back to back, so a saga
+ * of local steps usually finishes in one transaction of the worker.
+ */
+#include "saga.h"
+#include "engine.h"
+
+#include "access/xact.h"
+#include "catalog/pg_proc.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "utils/acl.h"
+#include "utils/builtins.h"
+#include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/regproc.h"
+#include "utils/resowner.h"
+#include "utils/timestamp.h"
+#include "utils/uuid.h"
+
+/* a call to make: the columns of saga._claim, _succeeded and _failed */
+typedef struct SagaCall
+{
+	pg_uuid_t	saga_id;
+	Oid			owner;
+	char	   *phase;
+	int			position;
+	char	   *step;
+	Jsonb	   *call;
+	Jsonb	   *ctx;
+	int			attempt;
+} SagaCall;
+
+static SPIPlanPtr claim_plan = NULL;
+static SPIPlanPtr succeeded_plan = NULL;
+static SPIPlanPtr failed_plan = NULL;
+
+static SPIPlanPtr
+prepare(const char *sql, int nargs, Oid *types)
+{
+	SPIPlanPtr	plan = SPI_prepare(sql, nargs, types);
+
+	if (plan == NULL)
+		elog(ERROR, "SPI_prepare failed for saga engine query: %s", SPI_result_code_string(SPI_result));
+	SPI_keepplan(plan);
+	return plan;
+}
+
+/* The call in row i of the last SPI result, copied into cxt; NULL if none. */
+static SagaCall *
+call_from_row(uint64 i, MemoryContext cxt)
+{
+	HeapTuple	tup = SPI_tuptable->vals[i];
+	TupleDesc	desc = SPI_tuptable->tupdesc;
+	MemoryContext old;
+	SagaCall   *c;
+	bool		isnull;
+	Datum		d;
+
+	(void) SPI_getbinval(tup, desc, 3, &isnull);
+	if (isnull)
+		return NULL;
+	old = MemoryContextSwitchTo(cxt);
+	c = palloc0(sizeof(SagaCall));
+	d = SPI_getbinval(tup, desc, 1, &isnull);
+	memcpy(c->saga_id.data, DatumGetUUIDP(d)->data, UUID_LEN);
+	c->owner = DatumGetObjectId(SPI_getbinval(tup, desc, 2, &isnull));
+	c->phase = TextDatumGetCString(SPI_getbinval(tup, desc, 3, &isnull));
+	c->position = DatumGetInt32(SPI_getbinval(tup, desc, 4, &isnull));
+	c->step = TextDatumGetCString(SPI_getbinval(tup, desc, 5, &isnull));
+	c->call = DatumGetJsonbPCopy(SPI_getbinval(tup, desc, 6, &isnull));
+	c->ctx = DatumGetJsonbPCopy(SPI_getbinval(tup, desc, 7, &isnull));
+	c->attempt = DatumGetInt32(SPI_getbinval(tup, desc, 8, &isnull));
+	MemoryContextSwitchTo(old);
+	return c;
+}
+
+/* A text field of a call's JSON, or NULL. */
+static char *
+call_field(Jsonb *call, const char *key)
+{
+	JsonbValue	k;
+	JsonbValue *v;
+
+	k.type = jbvString;
+	k.val.string.val = (char *) key;
+	k.val.string.len = strlen(key);
+	v = findJsonbValueFromContainer(&call->root, JB_FOBJECT, &k);
+	if (v == NULL || v->type != jbvString)
+		return NULL;
+	return pnstrdup(v->val.string.val, v->val.string.len);
+}
+
+/*
+ * SQLSTATEs worth retrying: connection (08), transaction rollback (40),
+ * insufficient resources (53), operator intervention (57), lock not
+ * available (55P03).
+ */
+static bool
+is_transient(int sqlerrcode)
+{
+	int			class = ERRCODE_TO_CATEGORY(sqlerrcode);
+
+	return class == ERRCODE_CONNECTION_EXCEPTION ||
+		class == ERRCODE_TRANSACTION_ROLLBACK ||
+		class == ERRCODE_INSUFFICIENT_RESOURCES ||
+		class == ERRCODE_OPERATOR_INTERVENTION ||
+		sqlerrcode == ERRCODE_LOCK_NOT_AVAILABLE;
+}
+
+/* fn(jsonb) RETURNS jsonb, a plain function: what define checked, still true */
+static bool
+is_step_function(Oid fn)
+{
+	Oid		   *argtypes;
+	int			nargs;
+	Oid			rettype = get_func_signature(fn, &argtypes, &nargs);
+
+	return rettype == JSONBOID && nargs == 1 && argtypes[0] == JSONBOID &&
+		!get_func_retset(fn) && get_func_prokind(fn) == PROKIND_FUNCTION;
+}
+
+/* Call the step's function as the saga's owner; returns its result. */
+static Datum
+invoke_as_owner(SagaCall *c, bool *isnull)
+{
+	char	   *fname = call_field(c->call, "function");
+	Oid			fn;
+	Oid			save_user;
+	int			save_sec;
+	FmgrInfo	flinfo;
+	LOCAL_FCINFO(fcinfo, 1);
+	Datum		result;
+
+	if (fname == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("step \"%s\" is not a local function call", c->step)));
+	fn = DatumGetObjectId(DirectFunctionCall1(regprocedurein, CStringGetDatum(fname)));
+	if (!is_step_function(fn))
+		ereport(ERROR,
+				(errcode(ERRCODE_WRONG_OBJECT_TYPE),
+				 errmsg("%s is not a function taking and returning one jsonb value", fname)));
+	if (pg_proc_aclcheck(fn, c->owner, ACL_EXECUTE) != ACLCHECK_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("role \"%s\" may not execute function %s",
+						GetUserNameFromId(c->owner, true) ? GetUserNameFromId(c->owner, true) : "?", fname)));
+
+	GetUserIdAndSecContext(&save_user, &save_sec);
+	SetUserIdAndSecContext(c->owner, save_sec | SECURITY_LOCAL_USERID_CHANGE |
+						   SECURITY_RESTRICTED_OPERATION);
+	fmgr_info(fn, &flinfo);
+	InitFunctionCallInfoData(*fcinfo, &flinfo, 1, InvalidOid, NULL, NULL);
+	fcinfo->args[0].value = JsonbPGetDatum(c->ctx);
+	fcinfo->args[0].isnull = false;
+	result = FunctionCallInvoke(fcinfo);
+	*isnull = fcinfo->isnull;
+	SetUserIdAndSecContext(save_user, save_sec);
+	return result;
+}
+
+static SagaCall *
+record_success(SagaCall *c, Datum result, bool isnull, MemoryContext cxt)
+{
+	Datum		values[6];
+	char		nulls[6] = "      ";
+	int			rc;
+
+	if (succeeded_plan == NULL)
+	{
+		Oid			types[6] = {UUIDOID, TEXTOID, INT4OID, TEXTOID, INT4OID, JSONBOID};
+
+		succeeded_plan = prepare("SELECT * FROM saga._succeeded($1, $2, $3, $4, $5, $6)", 6, types);
+	}
+	values[0] = UUIDPGetDatum(&c->saga_id);
+	values[1] = CStringGetTextDatum(c->phase);
+	values[2] = Int32GetDatum(c->position);
+	values[3] = CStringGetTextDatum(c->step);
+	values[4] = Int32GetDatum(c->attempt);
+	values[5] = result;
+	nulls[5] = isnull ? 'n' : ' ';
+	rc = SPI_execute_plan(succeeded_plan, values, nulls, false, 0);
+	if (rc != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "saga._succeeded failed: %s", SPI_result_code_string(rc));
+	return call_from_row(0, cxt);
+}
+
+static SagaCall *
+record_failure(SagaCall *c, ErrorData *edata, MemoryContext cxt)
+{
+	Datum		values[8];
+	char		nulls[8] = "        ";
+	StringInfoData msg;
+	int			rc;
+
+	if (failed_plan == NULL)
+	{
+		Oid			types[8] = {UUIDOID, TEXTOID, INT4OID, TEXTOID, INT4OID, JSONBOID, BOOLOID, TEXTOID};
+
+		failed_plan = prepare("SELECT * FROM saga._failed($1, $2, $3, $4, $5, $6, $7, $8)", 8, types);
+	}
+	initStringInfo(&msg);
+	appendStringInfo(&msg, "%s (SQLSTATE %s)", edata->message ? edata->message : "unknown error",
+					 unpack_sql_state(edata->sqlerrcode));
+	values[0] = UUIDPGetDatum(&c->saga_id);
+	values[1] = CStringGetTextDatum(c->phase);
+	values[2] = Int32GetDatum(c->position);
+	values[3] = CStringGetTextDatum(c->step);
+	values[4] = Int32GetDatum(c->attempt);
+	values[5] = JsonbPGetDatum(c->call);
+	values[6] = BoolGetDatum(is_transient(edata->sqlerrcode));
+	values[7] = CStringGetTextDatum(msg.data);
+	rc = SPI_execute_plan(failed_plan, values, nulls, false, 0);
+	if (rc != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "saga._failed failed: %s", SPI_result_code_string(rc));
+	return call_from_row(0, cxt);
+}
+
+/*
+ * Make one call in a subtransaction and record its outcome; returns the
+ * saga's next call if it can be made at once.
+ */
+static SagaCall *
+run_call(SagaCall *c, MemoryContext cxt)
+{
+	MemoryContext oldcxt = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
+	SagaCall   *next = NULL;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcxt);
+	PG_TRY();
+	{
+		bool		isnull;
+		Datum		result = invoke_as_owner(c, &isnull);
+
+		next = record_success(c, result, isnull, cxt);
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcxt);
+		CurrentResourceOwner = oldowner;
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcxt);
+		CurrentResourceOwner = oldowner;
+		ereport(DEBUG1,
+				(errmsg("saga: %s of step \"%s\" failed: %s", c->phase, c->step, edata->message)));
+		next = record_failure(c, edata, cxt);
+		FreeErrorData(edata);
+	}
+	PG_END_TRY();
+	return next;
+}
+
+/*
+ * Run the due calls of up to limit sagas. Called in a transaction with SPI
+ * connected; returns how many sagas had a call to make.
+ */
+int
+saga_engine_run(int limit)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	Datum		values[1];
+	List	   *calls = NIL;
+	ListCell   *lc;
+	int			rc;
+
+	if (claim_plan == NULL)
+	{
+		Oid			types[1] = {INT4OID};
+
+		claim_plan = prepare("SELECT * FROM saga._claim($1)", 1, types);
+	}
+	values[0] = Int32GetDatum(limit);
+	rc = SPI_execute_plan(claim_plan, values, NULL, false, 0);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "saga._claim failed: %s", SPI_result_code_string(rc));
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		SagaCall   *c = call_from_row(i, cxt);
+
+		if (c != NULL)
+			calls = lappend(calls, c);
+	}
+	foreach(lc, calls)
+	{
+		SagaCall   *c = lfirst(lc);
+
+		while (c != NULL)
+		{
+			CHECK_FOR_INTERRUPTS();
+			c = run_call(c, cxt);
+		}
+	}
+	return list_length(calls);
+}
+
+/* When the next saga falls due (a retry, a deadline); 0 if none. */
+TimestampTz
+saga_engine_next_due(void)
+{
+	bool		isnull;
+	Datum		d;
+	int			rc = SPI_execute("SELECT min(next_run_at) FROM saga.instances WHERE next_run_at IS NOT NULL",
+								 true, 1);
+
+	if (rc != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "could not read when the next saga falls due");
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	return isnull ? 0 : DatumGetTimestampTz(d);
+}

@@ -1,0 +1,13 @@
+/*
+ * engine.h
+ *		The worker's side of sagas.
+ */
+#ifndef SAGA_ENGINE_H
+#define SAGA_ENGINE_H
+
+#include "datatype/timestamp.h"
+
+extern int	saga_engine_run(int limit);
+extern TimestampTz saga_engine_next_due(void);
+
+#endif							/* SAGA_ENGINE_H */
