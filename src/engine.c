@@ -20,6 +20,7 @@
 #include "miscadmin.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
@@ -141,6 +142,7 @@ invoke_as_owner(SagaCall *c, bool *isnull)
 	FmgrInfo	flinfo;
 	LOCAL_FCINFO(fcinfo, 1);
 	Datum		result;
+	int			guc_level;
 
 	if (fname == NULL)
 		ereport(ERROR,
@@ -157,6 +159,12 @@ invoke_as_owner(SagaCall *c, bool *isnull)
 				 errmsg("role \"%s\" may not execute function %s",
 						GetUserNameFromId(c->owner, true) ? GetUserNameFromId(c->owner, true) : "?", fname)));
 
+	/*
+	 * Settings the step changes, even with SET at session level, must not
+	 * outlive it: the worker's search_path and read-only state protect every
+	 * later statement (an error undoes them with the subtransaction).
+	 */
+	guc_level = NewGUCNestLevel();
 	GetUserIdAndSecContext(&save_user, &save_sec);
 	SetUserIdAndSecContext(c->owner, save_sec | SECURITY_LOCAL_USERID_CHANGE |
 						   SECURITY_RESTRICTED_OPERATION);
@@ -167,6 +175,7 @@ invoke_as_owner(SagaCall *c, bool *isnull)
 	result = FunctionCallInvoke(fcinfo);
 	*isnull = fcinfo->isnull;
 	SetUserIdAndSecContext(save_user, save_sec);
+	AtEOXact_GUC(false, guc_level);
 	return result;
 }
 
@@ -299,6 +308,13 @@ saga_engine_run(int limit)
 		if (c != NULL)
 			calls = lappend(calls, c);
 	}
+	/*
+	 * The worker commits asynchronously, which only repeats a delivery when
+	 * a commit is lost. A step's effects are seen by others once committed,
+	 * and must not be undone and run again by a crash: commit them durably.
+	 */
+	if (calls != NIL)
+		ForceSyncCommit();
 	foreach(lc, calls)
 	{
 		SagaCall   *c = lfirst(lc);
@@ -318,7 +334,7 @@ saga_engine_next_due(void)
 {
 	bool		isnull;
 	Datum		d;
-	int			rc = SPI_execute("SELECT min(next_run_at) FROM saga.instances WHERE next_run_at IS NOT NULL",
+	int			rc = SPI_execute("SELECT pg_catalog.min(next_run_at) FROM saga.instances WHERE next_run_at IS NOT NULL",
 								 true, 1);
 
 	if (rc != SPI_OK_SELECT || SPI_processed != 1)
