@@ -428,31 +428,36 @@ invoke_action(text *key, Oid fnoid, const char *fn, Datum ctx, bool *isnull)
 	return result;
 }
 
+/* invoke_action or compensate_action */
+typedef Datum (*KeyedCall) (text *key, Oid fnoid, const char *fn, Datum ctx, bool *isnull);
+
 /*
- * saga.invoke(key text, fn regprocedure, ctx jsonb) RETURNS jsonb
- *
- * Runs fn(ctx) once per key in this database, in the caller's transaction,
- * and records the key with the result. A repeat returns the stored result.
+ * The common part of saga.invoke and saga.compensate: check the arguments,
+ * mark the key as running in this session (no recursion on it), make the
+ * call.
  */
-Datum
-saga_invoke(PG_FUNCTION_ARGS)
+static Datum
+run_keyed_call(FunctionCallInfo fcinfo, const char *what, const char *caller, KeyedCall call)
 {
 	text	   *key;
 	Oid			fnoid;
 	char	   *fn;
+	char		argname[64];
 	Datum		result = (Datum) 0;
 	bool		isnull = true;
 
 	key = get_action_key(fcinfo, "action key");
-	saga_require_arg(fcinfo, 1, "action function");
-	saga_require_arg(fcinfo, 2, "action context");
+	snprintf(argname, sizeof(argname), "%s function", what);
+	saga_require_arg(fcinfo, 1, argname);
+	snprintf(argname, sizeof(argname), "%s context", what);
+	saga_require_arg(fcinfo, 2, argname);
 	fnoid = PG_GETARG_OID(1);
 	fn = check_action_function(fnoid);
 
-	enter_key(text_to_cstring(key), "saga.invoke()");
+	enter_key(text_to_cstring(key), caller);
 	PG_TRY();
 	{
-		result = invoke_action(key, fnoid, fn, PG_GETARG_DATUM(2), &isnull);
+		result = call(key, fnoid, fn, PG_GETARG_DATUM(2), &isnull);
 	}
 	PG_FINALLY();
 	{
@@ -463,6 +468,18 @@ saga_invoke(PG_FUNCTION_ARGS)
 	if (isnull)
 		PG_RETURN_NULL();
 	PG_RETURN_DATUM(result);
+}
+
+/*
+ * saga.invoke(key text, fn regprocedure, ctx jsonb) RETURNS jsonb
+ *
+ * Runs fn(ctx) once per key in this database, in the caller's transaction,
+ * and records the key with the result. A repeat returns the stored result.
+ */
+Datum
+saga_invoke(PG_FUNCTION_ARGS)
+{
+	return run_keyed_call(fcinfo, "action", "saga.invoke()", invoke_action);
 }
 
 /* ---------- saga.compensate ---------- */
@@ -555,30 +572,5 @@ compensate_action(text *key, Oid fnoid, const char *fn, Datum ctx, bool *isnull)
 Datum
 saga_compensate(PG_FUNCTION_ARGS)
 {
-	text	   *key;
-	Oid			fnoid;
-	char	   *fn;
-	Datum		result = (Datum) 0;
-	bool		isnull = true;
-
-	key = get_action_key(fcinfo, "action key");
-	saga_require_arg(fcinfo, 1, "compensation function");
-	saga_require_arg(fcinfo, 2, "compensation context");
-	fnoid = PG_GETARG_OID(1);
-	fn = check_action_function(fnoid);
-
-	enter_key(text_to_cstring(key), "saga.compensate()");
-	PG_TRY();
-	{
-		result = compensate_action(key, fnoid, fn, PG_GETARG_DATUM(2), &isnull);
-	}
-	PG_FINALLY();
-	{
-		leave_key();
-	}
-	PG_END_TRY();
-
-	if (isnull)
-		PG_RETURN_NULL();
-	PG_RETURN_DATUM(result);
+	return run_keyed_call(fcinfo, "compensation", "saga.compensate()", compensate_action);
 }
