@@ -58,6 +58,7 @@ CREATE TABLE saga.queue (
     last_error text,
     last_status integer,
     finished_at timestamptz,
+    saga_call jsonb,
     PRIMARY KEY (message_id, destination)
 ) WITH (fillfactor = 90,
         autovacuum_vacuum_scale_factor = 0.01,
@@ -68,6 +69,7 @@ CREATE INDEX queue_due ON saga.queue (destination, next_attempt_at, seq) WHERE s
 CREATE INDEX queue_pending_key ON saga.queue (destination, key, seq) WHERE status = 'pending' AND key IS NOT NULL;
 CREATE INDEX queue_retained ON saga.queue (finished_at) WHERE status = 'delivered';
 COMMENT ON TABLE saga.queue IS 'messages not yet delivered, one row per destination (internal; read saga.outbox and saga.dead_letters)';
+COMMENT ON COLUMN saga.queue.saga_call IS 'for the HTTP call of a saga step: which saga, step and attempt it answers (NULL for messages)';
 
 -- pg_dump keeps what users declared and what is still to be delivered
 SELECT pg_catalog.pg_extension_config_dump('saga.destinations', '');
@@ -167,6 +169,7 @@ CREATE TABLE saga.instances (
     position integer NOT NULL DEFAULT 0,
     attempts integer NOT NULL DEFAULT 0,
     next_run_at timestamptz,
+    request_id uuid,
     deadline timestamptz,
     started_at timestamptz NOT NULL DEFAULT now(),
     updated_at timestamptz NOT NULL DEFAULT now(),
@@ -176,13 +179,15 @@ CREATE UNIQUE INDEX instances_idempotency_key ON saga.instances (name, owner, id
     WHERE idempotency_key IS NOT NULL;
 CREATE INDEX instances_due ON saga.instances (next_run_at) WHERE next_run_at IS NOT NULL;
 COMMENT ON TABLE saga.instances IS 'one row per saga (internal; read saga.sagas)';
+COMMENT ON COLUMN saga.instances.request_id IS 'the HTTP call in flight for this saga, in saga.queue; the saga waits for its outcome';
 
 -- Steps that ran or are being retried, with how to undo them.
 CREATE TABLE saga.instance_steps (
     saga_id uuid NOT NULL,
     position integer NOT NULL,
     step text NOT NULL,
-    status text NOT NULL CHECK (status IN ('retrying', 'done', 'failed', 'compensated', 'compensation_failed')),
+    status text NOT NULL CHECK (status IN ('running', 'retrying', 'done', 'failed', 'unknown',
+                                           'compensated', 'compensation_failed')),
     attempts integer NOT NULL DEFAULT 0,
     result jsonb,
     error text,
@@ -197,6 +202,7 @@ CREATE TABLE saga.instance_steps (
     PRIMARY KEY (saga_id, position)
 );
 COMMENT ON TABLE saga.instance_steps IS 'the steps of each saga, their results and compensations (internal; read saga.saga_steps)';
+COMMENT ON COLUMN saga.instance_steps.status IS 'running: an HTTP call is in flight; unknown: its attempts ran out without an answer, so it is compensated too';
 
 SELECT pg_catalog.pg_extension_config_dump('saga.definitions', '');
 SELECT pg_catalog.pg_extension_config_dump('saga.instances', '');
@@ -255,9 +261,6 @@ BEGIN
                     USING ERRCODE = 'invalid_parameter_value',
                           HINT = 'Remote functions through postgresql:// destinations are not supported yet.';
             END IF;
-            RAISE EXCEPTION 'step "%": % calls destination "%": HTTP steps are not supported yet', step, field, dest
-                USING ERRCODE = 'feature_not_supported',
-                      HINT = 'Use a local function step, or an application-driven saga (saga.begin) that calls the service itself.';
             path := coalesce(spec ->> 'path', '');
             IF path <> '' AND left(path, 1) <> '/' OR path ~ '[[:cntrl:][:space:]]' THEN
                 RAISE EXCEPTION 'step "%": % has an invalid path "%"', step, field, path
@@ -416,6 +419,10 @@ BEGIN
                                THEN (extract(epoch FROM saga._interval(format('step "%s"', step_name), 'backoff', s -> 'backoff')) * 1000)::bigint
                                ELSE 1000 END,
             'max_attempts', CASE WHEN s ? 'max_attempts' THEN s -> 'max_attempts' ELSE '10' END);
+        IF (norm ->> 'timeout_ms')::bigint > 86400000 THEN
+            RAISE EXCEPTION 'step "%": timeout must be at most 1 day', step_name
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
         IF jsonb_typeof(norm -> 'max_attempts') <> 'number' OR (norm ->> 'max_attempts') !~ '^[0-9]+$'
            OR (norm ->> 'max_attempts')::numeric NOT BETWEEN 1 AND 1000 THEN
             RAISE EXCEPTION 'step "%": max_attempts must be an integer from 1 to 1000', step_name
@@ -671,7 +678,7 @@ BEGIN
     INTO timeline
     FROM (SELECT s.started_at AS at, 0 AS ord, 'started' AS event, NULL::text AS step
           UNION ALL
-          SELECT x.finished_at, 1 + x.position, CASE WHEN x.status = 'failed' THEN 'step failed' ELSE 'step done' END, x.step
+          SELECT x.finished_at, 1 + x.position, CASE x.status WHEN 'failed' THEN 'step failed' WHEN 'unknown' THEN 'step outcome unknown' ELSE 'step done' END, x.step
           FROM saga.instance_steps x WHERE x.saga_id = id AND x.finished_at IS NOT NULL
           UNION ALL
           SELECT x.compensated_at, 100000 - x.position, 'step compensated', x.step
@@ -750,11 +757,19 @@ BEGIN
         RETURN;
     END IF;
 
+    IF s.status = 'compensating' AND s.request_id IS NOT NULL THEN
+        -- an HTTP call is still out: compensate once its outcome is known,
+        -- so a compensation never overtakes its action (_received resumes)
+        UPDATE saga.instances i SET next_run_at = NULL WHERE i.id = s.id;
+        RETURN;
+    END IF;
+
     IF s.status = 'compensating' THEN
         -- newest first: the latest step that is done (or whose outcome is
         -- unknown) and has a compensation still to run
         SELECT * INTO x FROM saga.instance_steps y
-        WHERE y.saga_id = s.id AND y.status IN ('done', 'retrying') AND y.compensation IS NOT NULL
+        WHERE y.saga_id = s.id AND y.status IN ('done', 'retrying', 'running', 'unknown')
+          AND y.compensation IS NOT NULL
         ORDER BY y.position DESC LIMIT 1;
         IF NOT FOUND THEN
             UPDATE saga.instances i SET status = 'compensated', next_run_at = NULL, attempts = 0,
@@ -856,6 +871,7 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_variable
 DECLARE
     s saga.instances;
+    unknown boolean;
     max_attempts integer := coalesce((call ->> 'max_attempts')::integer, 10);
     delay interval := least(interval '5 minutes',
         make_interval(secs => coalesce((call ->> 'backoff_ms')::float8, 1000) / 1000
@@ -867,22 +883,28 @@ BEGIN
             VALUES (id, pos, step, 'retrying', n, error)
             ON CONFLICT ON CONSTRAINT instance_steps_pkey DO UPDATE
             SET attempts = excluded.attempts, error = excluded.error, updated_at = clock_timestamp();
-            UPDATE saga.instances i SET attempts = n, next_run_at = least(clock_timestamp() + delay, i.deadline), updated_at = clock_timestamp()
+            -- (an answer that comes after a cancel: compensate at once)
+            UPDATE saga.instances i SET attempts = n, updated_at = clock_timestamp(),
+                next_run_at = CASE WHEN i.status = 'running' THEN least(clock_timestamp() + delay, i.deadline)
+                                   ELSE clock_timestamp() END
             WHERE i.id = _failed.id;
             RETURN;
         END IF;
-        -- a step that never succeeded has nothing to compensate, unless its
-        -- outcome is unknown (a remote call that timed out); local steps
-        -- roll back with their subtransaction
+        -- A step that never succeeded has nothing to compensate: local steps
+        -- roll back with their subtransaction, and a refusal (4xx) did
+        -- nothing. An HTTP call that never got an answer may have taken
+        -- effect: its outcome is unknown and it keeps its compensation.
+        unknown := transient AND call ->> 'kind' = 'http';
         INSERT INTO saga.instance_steps AS x (saga_id, position, step, status, attempts, error, finished_at)
-        VALUES (id, pos, step, 'failed', n, error, clock_timestamp())
+        VALUES (id, pos, step, CASE WHEN unknown THEN 'unknown' ELSE 'failed' END, n, error, clock_timestamp())
         ON CONFLICT ON CONSTRAINT instance_steps_pkey DO UPDATE
-        SET status = 'failed', attempts = excluded.attempts, error = excluded.error,
+        SET status = excluded.status, attempts = excluded.attempts, error = excluded.error,
+            compensation = CASE WHEN unknown THEN x.compensation END,
             finished_at = clock_timestamp(), updated_at = clock_timestamp();
         UPDATE saga.instances i
         SET status = 'compensating', attempts = 0, updated_at = clock_timestamp(), next_run_at = clock_timestamp(),
-            error = format('step "%s" failed%s: %s', step,
-                           CASE WHEN transient THEN format(' after %s attempts', n) ELSE '' END, error)
+            error = coalesce(i.error, format('step "%s" failed%s: %s', step,
+                           CASE WHEN transient THEN format(' after %s attempts', n) ELSE '' END, error))
         WHERE i.id = _failed.id RETURNING * INTO s;
         SELECT * INTO saga_id, owner, next_phase, step_position, next_step, next_call, ctx, attempt FROM saga._next(s);
         RETURN;
@@ -907,6 +929,98 @@ BEGIN
 END
 $$;
 
+-- Send a call to an HTTP destination: queue it (saga.queue, with the
+-- saga's coordinates in saga_call) and let the saga wait for the outcome.
+-- The delivery path sends it and calls saga._received. An action in flight
+-- is marked running with its compensation: if the saga is cancelled or
+-- passes its deadline meanwhile, the call may still take effect.
+CREATE FUNCTION saga._send(id uuid, phase text, pos integer, step text, n integer, call jsonb,
+    ctx jsonb, request uuid) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+DECLARE
+    s saga.instances;
+    dest text := call ->> 'destination';
+    comp jsonb;
+    suffix text := CASE WHEN phase = 'compensation' THEN ':compensation' ELSE '' END;
+BEGIN
+    IF NOT EXISTS (SELECT FROM saga.destinations d WHERE d.name = dest AND d.kind = 'http') THEN
+        RAISE EXCEPTION 'step "%": HTTP destination "%" does not exist', step, dest
+            USING ERRCODE = 'undefined_object';
+    END IF;
+    SELECT * INTO s FROM saga.instances i WHERE i.id = _send.id;
+    INSERT INTO saga.queue (message_id, destination, topic, payload, next_attempt_at, saga_call)
+    VALUES (request, dest, s.name || '.' || step || replace(suffix, ':', '.'),
+            CASE WHEN call ? 'body' THEN call -> 'body' ELSE ctx END,
+            now(),
+            jsonb_build_object('saga_id', id, 'phase', phase, 'position', pos, 'step', step,
+                               'attempt', n, 'call', call, 'path', coalesce(call ->> 'path', ''),
+                               'timeout_ms', call -> 'timeout_ms',
+                               'key', id::text || ':' || step || suffix));
+    IF phase = 'action' THEN
+        SELECT (d.steps -> pos) -> 'compensation' INTO comp
+        FROM saga.definitions d WHERE d.name = s.name AND d.version = s.version;
+        IF jsonb_typeof(comp) = 'null' THEN
+            comp := NULL;
+        END IF;
+        INSERT INTO saga.instance_steps AS x (saga_id, position, step, status, attempts, compensation)
+        VALUES (id, pos, step, 'running', n, comp)
+        ON CONFLICT ON CONSTRAINT instance_steps_pkey DO UPDATE
+        SET status = 'running', attempts = excluded.attempts, compensation = excluded.compensation,
+            updated_at = clock_timestamp();
+    END IF;
+    -- while it waits, only the deadline of a running saga wakes it
+    UPDATE saga.instances i
+    SET request_id = request, updated_at = clock_timestamp(),
+        next_run_at = CASE WHEN phase = 'action' THEN i.deadline END
+    WHERE i.id = _send.id;
+END
+$$;
+
+-- The outcome of an HTTP call of a saga (outcome 0: 2xx, 1: worth another
+-- attempt, 2: refused). The queue row must still be the claimed attempt
+-- (the same fence as for messages); an answer the saga no longer waits for
+-- is dropped.
+CREATE FUNCTION saga._received(tid tid, request uuid, claim integer, outcome integer, body text, error text)
+RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+DECLARE
+    c jsonb;
+    id uuid;
+    result jsonb;
+BEGIN
+    DELETE FROM saga.queue q
+    WHERE q.ctid = tid AND q.message_id = request AND q.attempts = claim AND q.status = 'pending'
+    RETURNING q.saga_call INTO c;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    id := (c ->> 'saga_id')::uuid;
+    UPDATE saga.instances i SET request_id = NULL, next_run_at = clock_timestamp()
+    WHERE i.id = id AND i.request_id = request;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF outcome = 0 THEN
+        -- the response, as JSON if it is JSON
+        IF body IS NULL OR body = '' THEN
+            result := NULL;
+        ELSE
+            BEGIN
+                result := body::jsonb;
+            EXCEPTION WHEN OTHERS THEN
+                result := to_jsonb(body);
+            END;
+        END IF;
+        PERFORM saga._succeeded(id, c ->> 'phase', (c ->> 'position')::integer, c ->> 'step',
+                                (c ->> 'attempt')::integer, result);
+    ELSE
+        PERFORM saga._failed(id, c ->> 'phase', (c ->> 'position')::integer, c ->> 'step',
+                             (c ->> 'attempt')::integer, c -> 'call', outcome = 1, error);
+    END IF;
+END
+$$;
+
 COMMENT ON FUNCTION saga._may_control(oid, oid) IS 'internal: may a role see and control sagas owned by another role';
 COMMENT ON FUNCTION saga._resolve_call(text, text, jsonb, oid, text) IS 'internal: validate and resolve a step action or compensation';
 COMMENT ON FUNCTION saga._interval(text, text, jsonb) IS 'internal: read an interval of a saga definition';
@@ -925,6 +1039,8 @@ COMMENT ON FUNCTION saga._next(saga.instances) IS 'internal (worker): settle a s
 COMMENT ON FUNCTION saga._claim(integer) IS 'internal (worker): lock due sagas and return their next calls';
 COMMENT ON FUNCTION saga._succeeded(uuid, text, integer, text, integer, jsonb) IS 'internal (worker): record a call that succeeded';
 COMMENT ON FUNCTION saga._failed(uuid, text, integer, text, integer, jsonb, boolean, text) IS 'internal (worker): record a call that failed';
+COMMENT ON FUNCTION saga._send(uuid, text, integer, text, integer, jsonb, jsonb, uuid) IS 'internal (worker): queue the HTTP call of a saga step';
+COMMENT ON FUNCTION saga._received(tid, uuid, integer, integer, text, text) IS 'internal (worker): record the outcome of a saga step''s HTTP call';
 
 -- ---------- views ----------
 

@@ -64,6 +64,11 @@ SELECT version, jsonb_pretty(steps) AS steps, deadline, owner::regrole = current
 FROM saga.definitions WHERE name = 'sagas_order' ORDER BY version;
 SELECT version, definition -> 'deadline' AS written_deadline
 FROM saga.definitions WHERE name = 'sagas_order' ORDER BY version;
+-- an HTTP step: a declared HTTP destination and a path under its URL
+SELECT saga.define('sagas_charge', '{"steps": [
+	{"name": "charge", "action": {"destination": "sagas_http", "path": "/charge"},
+	 "compensation": {"destination": "sagas_http"}, "timeout": "2s"}]}');
+SELECT jsonb_pretty(steps) AS steps FROM saga.definitions WHERE name = 'sagas_charge';
 
 -- Unqualified names resolve through the caller's search_path, as the
 -- caller would resolve them.
@@ -146,8 +151,9 @@ SELECT pg_temp.err($$SELECT saga.define('sagas_bad', '{"steps": [{"name": "a", "
 -- unknown destination; a destination that is not HTTP; HTTP (not yet)
 SELECT pg_temp.err($$SELECT saga.define('sagas_bad', '{"steps": [{"name": "a", "action": {"destination": "sagas_nowhere", "path": "/x"}}]}')$$);
 SELECT pg_temp.err($$SELECT saga.define('sagas_bad', '{"steps": [{"name": "a", "action": {"destination": "sagas_notify", "path": "/x"}}]}')$$);
-SELECT pg_temp.err($$SELECT saga.define('sagas_bad', '{"steps": [{"name": "a", "action": {"destination": "sagas_http", "path": "/charge"}}]}')$$);
-SELECT pg_temp.err($$SELECT saga.define('sagas_bad', '{"steps": [{"name": "a", "action": "sagas_fn.ship", "compensation": {"destination": "sagas_http", "path": "/refund"}}]}')$$);
+SELECT pg_temp.err($$SELECT saga.define('sagas_bad', '{"steps": [{"name": "a", "action": {"destination": "sagas_http", "path": "charge"}}]}')$$);
+SELECT pg_temp.err($$SELECT saga.define('sagas_bad', '{"steps": [{"name": "a", "action": "sagas_fn.ship", "compensation": {"destination": "sagas_http", "path": "/re fund"}}]}')$$);
+SELECT pg_temp.err($$SELECT saga.define('sagas_bad', '{"steps": [{"name": "a", "action": {"destination": "sagas_http", "path": "/x"}, "timeout": "2 days"}]}')$$);
 SELECT pg_temp.err($$SELECT saga.define('sagas_bad', '{"steps": [{"name": "a", "action": {"destination": "sagas_http", "function": "sagas_fn.ship"}}]}')$$);
 -- bad timeout, backoff and deadline intervals
 SELECT pg_temp.err($$SELECT saga.define('sagas_bad', '{"steps": [{"name": "a", "action": "sagas_fn.ship", "timeout": "soon"}]}')$$);
@@ -295,7 +301,7 @@ SELECT pg_temp.err(format($$SELECT saga.step(%L, 'c4', '{"function": "release"}'
 SELECT pg_temp.err(format($$SELECT saga.step(%L, 'c5', '{"function": "sagas_fn.returns_text"}')$$, :'app_id'));
 SELECT pg_temp.err(format($$SELECT saga.step(%L, 'c6', '{"args": {"sku": "A"}}')$$, :'app_id'));
 SELECT pg_temp.err(format($$SELECT saga.step(%L, 'c7', '{"destination": "sagas_nowhere", "path": "/undo"}')$$, :'app_id'));
-SELECT pg_temp.err(format($$SELECT saga.step(%L, 'c8', '{"destination": "sagas_http", "path": "/undo", "body": {}}')$$, :'app_id'));
+SELECT pg_temp.err(format($$SELECT saga.step(%L, 'c8', '{"destination": "sagas_http", "path": "undo", "body": {}}')$$, :'app_id'));
 SELECT pg_temp.err(format($$SELECT saga.step(%L, 'c9', '[]')$$, :'app_id'));
 \pset format aligned
 \pset tuples_only off

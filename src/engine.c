@@ -9,6 +9,10 @@
  * once; a failing step rolls back only its own subtransaction and its error
  * becomes data. Consecutive steps of one saga run back to back, so a saga
  * of local steps usually finishes in one transaction of the worker.
+ *
+ * An HTTP call is not made here: it is queued (saga._send) for the
+ * worker's HTTP dispatcher, and the saga waits for its outcome without
+ * holding anything, so a slow service never stalls other sagas.
  */
 #include "saga.h"
 #include "engine.h"
@@ -24,8 +28,10 @@
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
+#include "utils/numeric.h"
 #include "utils/regproc.h"
 #include "utils/resowner.h"
+#include "utils/timeout.h"
 #include "utils/timestamp.h"
 #include "utils/uuid.h"
 
@@ -45,6 +51,7 @@ typedef struct SagaCall
 static SPIPlanPtr claim_plan = NULL;
 static SPIPlanPtr succeeded_plan = NULL;
 static SPIPlanPtr failed_plan = NULL;
+static SPIPlanPtr send_plan = NULL;
 
 static SPIPlanPtr
 prepare(const char *sql, int nargs, Oid *types)
@@ -102,6 +109,22 @@ call_field(Jsonb *call, const char *key)
 	return pnstrdup(v->val.string.val, v->val.string.len);
 }
 
+/* An integer field of a call's JSON, or 0. */
+static int
+call_int_field(Jsonb *call, const char *key)
+{
+	JsonbValue	k;
+	JsonbValue *v;
+
+	k.type = jbvString;
+	k.val.string.val = (char *) key;
+	k.val.string.len = strlen(key);
+	v = findJsonbValueFromContainer(&call->root, JB_FOBJECT, &k);
+	if (v == NULL || v->type != jbvNumeric)
+		return 0;
+	return DatumGetInt32(DirectFunctionCall1(numeric_int4, NumericGetDatum(v->val.numeric)));
+}
+
 /*
  * SQLSTATEs worth retrying: connection (08), transaction rollback (40),
  * insufficient resources (53), operator intervention (57), lock not
@@ -136,6 +159,7 @@ static Datum
 invoke_as_owner(SagaCall *c, bool *isnull)
 {
 	char	   *fname = call_field(c->call, "function");
+	int			timeout_ms = call_int_field(c->call, "timeout_ms");
 	Oid			fn;
 	Oid			save_user;
 	int			save_sec;
@@ -172,7 +196,12 @@ invoke_as_owner(SagaCall *c, bool *isnull)
 	InitFunctionCallInfoData(*fcinfo, &flinfo, 1, InvalidOid, NULL, NULL);
 	fcinfo->args[0].value = JsonbPGetDatum(c->ctx);
 	fcinfo->args[0].isnull = false;
+	/* the step's "timeout" cancels it like statement_timeout (57014) */
+	if (timeout_ms > 0)
+		enable_timeout_after(STATEMENT_TIMEOUT, timeout_ms);
 	result = FunctionCallInvoke(fcinfo);
+	if (timeout_ms > 0)
+		disable_timeout(STATEMENT_TIMEOUT, false);
 	*isnull = fcinfo->isnull;
 	SetUserIdAndSecContext(save_user, save_sec);
 	AtEOXact_GUC(false, guc_level);
@@ -236,12 +265,49 @@ record_failure(SagaCall *c, ErrorData *edata, MemoryContext cxt)
 	return call_from_row(0, cxt);
 }
 
+/* Queue the HTTP call of a step; the saga waits for its outcome. */
+static void
+send_http(SagaCall *c)
+{
+	Datum		values[8];
+	pg_uuid_t	request;
+	int			rc;
+
+	if (send_plan == NULL)
+	{
+		Oid			types[8] = {UUIDOID, TEXTOID, INT4OID, TEXTOID, INT4OID, JSONBOID, JSONBOID, UUIDOID};
+
+		send_plan = prepare("SELECT saga._send($1, $2, $3, $4, $5, $6, $7, $8)", 8, types);
+	}
+	saga_uuid7(request.data);
+	values[0] = UUIDPGetDatum(&c->saga_id);
+	values[1] = CStringGetTextDatum(c->phase);
+	values[2] = Int32GetDatum(c->position);
+	values[3] = CStringGetTextDatum(c->step);
+	values[4] = Int32GetDatum(c->attempt);
+	values[5] = JsonbPGetDatum(c->call);
+	values[6] = JsonbPGetDatum(c->ctx);
+	values[7] = UUIDPGetDatum(&request);
+	rc = SPI_execute_plan(send_plan, values, NULL, false, 0);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "saga._send failed: %s", SPI_result_code_string(rc));
+}
+
+static bool
+is_http_call(SagaCall *c)
+{
+	char	   *kind = call_field(c->call, "kind");
+
+	return kind != NULL && strcmp(kind, "http") == 0;
+}
+
 /*
  * Make one call in a subtransaction and record its outcome; returns the
- * saga's next call if it can be made at once.
+ * saga's next call if it can be made at once (never after an HTTP call,
+ * which only queues it).
  */
 static SagaCall *
-run_call(SagaCall *c, MemoryContext cxt)
+run_call(SagaCall *c, MemoryContext cxt, int *http_calls)
 {
 	MemoryContext oldcxt = CurrentMemoryContext;
 	ResourceOwner oldowner = CurrentResourceOwner;
@@ -251,10 +317,18 @@ run_call(SagaCall *c, MemoryContext cxt)
 	MemoryContextSwitchTo(oldcxt);
 	PG_TRY();
 	{
-		bool		isnull;
-		Datum		result = invoke_as_owner(c, &isnull);
+		if (is_http_call(c))
+		{
+			send_http(c);
+			*http_calls += 1;
+		}
+		else
+		{
+			bool		isnull;
+			Datum		result = invoke_as_owner(c, &isnull);
 
-		next = record_success(c, result, isnull, cxt);
+			next = record_success(c, result, isnull, cxt);
+		}
 		ReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(oldcxt);
 		CurrentResourceOwner = oldowner;
@@ -263,6 +337,7 @@ run_call(SagaCall *c, MemoryContext cxt)
 	{
 		ErrorData  *edata;
 
+		disable_timeout(STATEMENT_TIMEOUT, false);
 		MemoryContextSwitchTo(cxt);
 		edata = CopyErrorData();
 		FlushErrorState();
@@ -280,16 +355,19 @@ run_call(SagaCall *c, MemoryContext cxt)
 
 /*
  * Run the due calls of up to limit sagas. Called in a transaction with SPI
- * connected; returns how many sagas had a call to make.
+ * connected; returns how many sagas had a call to make, and in *http_calls
+ * how many HTTP calls it queued.
  */
 int
-saga_engine_run(int limit)
+saga_engine_run(int limit, int *http_calls)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 	Datum		values[1];
 	List	   *calls = NIL;
 	ListCell   *lc;
 	int			rc;
+
+	*http_calls = 0;
 
 	if (claim_plan == NULL)
 	{
@@ -322,7 +400,7 @@ saga_engine_run(int limit)
 		while (c != NULL)
 		{
 			CHECK_FOR_INTERRUPTS();
-			c = run_call(c, cxt);
+			c = run_call(c, cxt, http_calls);
 		}
 	}
 	return list_length(calls);

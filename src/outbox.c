@@ -29,7 +29,7 @@
 #define NOTIFY_PAYLOAD_LIMIT	8000
 
 /* how much longer than the request time-out a claim is leased */
-#define LEASE_MARGIN_MS			5000
+#define LEASE_MARGIN_MS			"5000"
 
 /*
  * Prepare a statement once for the worker's life. cursor_options may force
@@ -401,6 +401,11 @@ header_listed(List *lines, const char *line)
  * Claim up to limit due messages of an HTTP destination: a lease (attempts
  * incremented, lease_until set) that outlives the request, so a crash leaves
  * nothing stuck. The requests wait in http until the claim commits.
+ *
+ * The call of a saga step is a row like a message, with saga_call set: it
+ * goes to the destination's URL plus the step's path, with the step's
+ * time-out and idempotency key, and its whole response is kept (the step's
+ * result).
  */
 int
 saga_outbox_claim_http(SagaHttp *http, SagaDestination *dest, int limit)
@@ -415,18 +420,20 @@ saga_outbox_claim_http(SagaHttp *http, SagaDestination *dest, int limit)
 
 		plan = prepare_kept_with(
 							"UPDATE saga.queue q"
-							" SET lease_until = now() + $3 * interval '1 millisecond',"
+							" SET lease_until = now() + (coalesce((q.saga_call ->> 'timeout_ms')::int4, $3)"
+							"       + " LEASE_MARGIN_MS ") * interval '1 millisecond',"
 							"     attempts = q.attempts + 1"
 							" WHERE q.ctid = ANY (ARRAY(" DUE_HEADS("$2") "))"
 							"   AND q.status = 'pending'"
 							" RETURNING q.message_id, q.attempts, q.topic, q.payload::text,"
 							"   ARRAY(SELECT h.key || ': ' || h.value FROM jsonb_each_text(q.headers) h),"
-							"   q.ctid",
+							"   q.ctid, q.saga_call ->> 'key', q.saga_call ->> 'path',"
+							"   (q.saga_call ->> 'timeout_ms')::int4",
 							3, types, CURSOR_OPT_CUSTOM_PLAN);
 	}
 	args[0] = CStringGetTextDatum(dest->name);
 	args[1] = Int32GetDatum(limit);
-	args[2] = Int32GetDatum(dest->timeout_ms + LEASE_MARGIN_MS);
+	args[2] = Int32GetDatum(dest->timeout_ms);
 	rc = SPI_execute_plan(plan, args, NULL, false, 0);
 	if (rc != SPI_OK_UPDATE_RETURNING)
 		elog(ERROR, "saga: HTTP claim failed: %s", SPI_result_code_string(rc));
@@ -454,6 +461,16 @@ saga_outbox_claim_http(SagaHttp *http, SagaDestination *dest, int limit)
 		req->max_backoff_ms = dest->max_backoff_ms;
 
 		id = get_text(tup, desc, 1);
+		(void) SPI_getbinval(tup, desc, 7, &isnull);
+		req->for_saga = !isnull;
+		if (req->for_saga)
+		{
+			req->url = psprintf("%s%s", dest->target, get_text(tup, desc, 8));
+			id = get_text(tup, desc, 7);
+			if (get_int4(tup, desc, 9) > 0)
+				req->timeout_ms = get_int4(tup, desc, 9);
+			req->response_limit = saga_max_payload_size;
+		}
 		saga_http_add_header(req, "Content-Type", "application/json");
 		saga_http_add_header(req, "Idempotency-Key", id);
 		saga_http_add_header(req, "Saga-Topic", get_text(tup, desc, 3));
@@ -469,6 +486,8 @@ saga_outbox_claim_http(SagaHttp *http, SagaDestination *dest, int limit)
 	}
 	return (int) SPI_processed;
 }
+
+static SagaRecordCounts record_messages(List *requests);
 
 /* Replace bytes that are not valid in the database encoding. */
 static char *
@@ -490,13 +509,80 @@ valid_text(const char *s)
 }
 
 /*
- * Record the outcomes of finished HTTP requests in one statement. Rows are
- * found by the tuple id the claim returned, and must still carry the claimed
- * message and attempt: a claim that was lost (lease expired and claimed
- * again, row moved) no longer matches and is left alone, to be retried.
+ * Hand the outcome of a saga step's HTTP call to the saga (saga._received
+ * deletes the row, under the same fence as messages). A 2xx response is the
+ * step's result; one larger than saga.max_payload_size is not kept.
+ */
+static void
+record_saga_call(SagaHttpRequest *req)
+{
+	static SPIPlanPtr plan = NULL;
+	Datum		args[6];
+	char		nulls[6] = "      ";
+	int			rc;
+
+	if (plan == NULL)
+	{
+		Oid			types[6] = {TIDOID, UUIDOID, INT4OID, INT4OID, TEXTOID, TEXTOID};
+
+		plan = prepare_kept("SELECT saga._received($1, $2, $3, $4, $5, $6)", 6, types);
+	}
+	args[0] = PointerGetDatum(&req->tid);
+	args[1] = UUIDPGetDatum(&req->message_id);
+	args[2] = Int32GetDatum(req->attempt);
+	args[3] = Int32GetDatum((int) req->outcome);
+	if (req->outcome != SAGA_OUTCOME_DELIVERED)
+		nulls[4] = 'n';
+	else if (req->response_bytes > (size_t) req->response.len)
+	{
+		ereport(WARNING,
+				(errmsg("saga: the response to step call %s has %zu bytes, more than saga.max_payload_size; its result is not kept",
+						req->url, req->response_bytes)));
+		args[4] = CStringGetTextDatum(psprintf("{\"truncated\": true, \"bytes\": %zu}",
+											   req->response_bytes));
+	}
+	else
+		args[4] = CStringGetTextDatum(valid_text(req->response.data));
+	if (req->error == NULL)
+		nulls[5] = 'n';
+	else
+		args[5] = CStringGetTextDatum(valid_text(req->error));
+	rc = SPI_execute_plan(plan, args, nulls, false, 0);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "saga: could not record the outcome of a step's HTTP call: %s",
+			 SPI_result_code_string(rc));
+}
+
+/*
+ * Record the outcomes of finished HTTP requests: the calls of saga steps one
+ * by one, the messages in one statement.
  */
 SagaRecordCounts
 saga_outbox_record_http(List *requests)
+{
+	List	   *messages = NIL;
+	ListCell   *lc;
+
+	foreach(lc, requests)
+	{
+		SagaHttpRequest *req = lfirst(lc);
+
+		if (req->for_saga)
+			record_saga_call(req);
+		else
+			messages = lappend(messages, req);
+	}
+	return record_messages(messages);
+}
+
+/*
+ * Record the outcomes of messages in one statement. Rows are found by the
+ * tuple id the claim returned, and must still carry the claimed message and
+ * attempt: a claim that was lost (lease expired and claimed again, row
+ * moved) no longer matches and is left alone, to be retried.
+ */
+static SagaRecordCounts
+record_messages(List *requests)
 {
 	static SPIPlanPtr plan = NULL;
 	SagaRecordCounts counts = {0, 0, 0};

@@ -109,6 +109,7 @@ saga_http_new_request(SagaHttp *http)
 
 	req->cxt = cxt;
 	req->retry_after_s = -1;
+	req->response_limit = RESPONSE_SNIPPET_BYTES;
 	dlist_push_tail(&http->created, &req->node);
 	return req;
 }
@@ -140,11 +141,12 @@ collect_response(char *data, size_t size, size_t nmemb, void *arg)
 {
 	SagaHttpRequest *req = (SagaHttpRequest *) arg;
 	size_t		len = size * nmemb;
-	size_t		room = RESPONSE_SNIPPET_BYTES - req->response.len;
+	size_t		room = req->response_limit - req->response.len;
 
-	/* keep the start of the body for the error message; drop the rest */
+	/* keep the start of the body (the error message, a step's result) */
 	if (room > 0)
 		appendBinaryStringInfo(&req->response, data, Min(len, room));
+	req->response_bytes += len;
 	return len;
 }
 
@@ -409,7 +411,8 @@ classify(SagaHttpRequest *req)
 				if ((unsigned char) req->response.data[i] < 0x20 && req->response.data[i] != '\t')
 					req->response.data[i] = ' ';
 			req->error = req->response.len > 0 ?
-				psprintf("HTTP %ld: %s", s, req->response.data) :
+				psprintf("HTTP %ld: %.*s", s, Min(req->response.len, RESPONSE_SNIPPET_BYTES),
+						 req->response.data) :
 				psprintf("HTTP %ld", s);
 		}
 	}

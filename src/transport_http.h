@@ -35,6 +35,8 @@ typedef struct SagaHttpRequest
 	char	   *body;
 	struct curl_slist *headers;
 	long		timeout_ms;
+	int			response_limit; /* bytes of the response body to keep */
+	bool		for_saga;		/* the call of a saga step, not a message */
 
 	/* retry policy of the destination, copied by the caller */
 	int			max_attempts;
@@ -48,6 +50,7 @@ typedef struct SagaHttpRequest
 	long		retry_after_s;	/* -1 when the response had none */
 	char		curl_error[CURL_ERROR_SIZE];
 	StringInfoData response;	/* the first bytes of the response body */
+	size_t		response_bytes; /* the whole body's length */
 
 	/* the verdict, set when the request completes */
 	SagaOutcome outcome;

@@ -291,6 +291,7 @@ run_cycle(SagaHttp *http, bool sweep_retained, bool reread, TimestampTz *next_du
 	for (int batch = 0;; batch++)
 	{
 		int			sagas;
+		int			http_calls;
 
 		if (batch == SAGA_BATCHES_PER_CYCLE)
 		{
@@ -298,8 +299,11 @@ run_cycle(SagaHttp *http, bool sweep_retained, bool reread, TimestampTz *next_du
 			break;
 		}
 		begin_work("running sagas");
-		sagas = saga_engine_run(SAGAS_PER_TRANSACTION);
+		sagas = saga_engine_run(SAGAS_PER_TRANSACTION, &http_calls);
 		end_work();
+		/* queued HTTP calls are claimed and sent by the next cycle */
+		if (http_calls > 0)
+			more = true;
 		if (sagas < SAGAS_PER_TRANSACTION)
 			break;
 	}

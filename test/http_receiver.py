@@ -12,7 +12,12 @@ headers, body) before it is answered. The path chooses the behaviour:
   /reset                 close the connection without answering (RST)
   /apply-then-drop...    record the request, then drop the connection unanswered,
                          the first time per key; 200 after that
+  /hang-then-ok/N...     never answer the first N requests of each key, then 200
+  /echo...               200 with the request body under "request"
 anything else            404
+
+Answers are JSON: {"status": NNN, "key": <Idempotency-Key>}, plus "request"
+for /echo and /hang-then-ok.
 
 The port is written to --port-file once the server listens.
 """
@@ -80,6 +85,7 @@ class Handler(BaseHTTPRequestHandler):
         kind = parts[0]
         status = 404
         extra = {}
+        answer = {}
         if kind == "ok":
             status = 200
         elif kind == "status" and len(parts) > 1:
@@ -92,6 +98,16 @@ class Handler(BaseHTTPRequestHandler):
                 extra["Retry-After"] = parts[1]
             else:
                 status = 200
+        elif kind == "echo":
+            status = 200
+            answer["request"] = json.loads(body or b"null")
+        elif kind == "hang-then-ok" and len(parts) > 1:
+            if count(self.path, key) < int(parts[1]):
+                record(self, 0, body)
+                time.sleep(3600)
+                return
+            status = 200
+            answer["request"] = json.loads(body or b"null")
         elif kind == "hang":
             record(self, 0, body)
             time.sleep(3600)
@@ -107,7 +123,8 @@ class Handler(BaseHTTPRequestHandler):
                 return
             status = 200
         record(self, status, body)
-        self.answer(status, json.dumps({"status": status}).encode(), extra)
+        answer.update({"status": status, "key": key})
+        self.answer(status, json.dumps(answer).encode(), extra)
 
 
 class Server(ThreadingHTTPServer):
