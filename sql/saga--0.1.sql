@@ -945,8 +945,9 @@ DECLARE
     suffix text := CASE WHEN phase = 'compensation' THEN ':compensation' ELSE '' END;
 BEGIN
     IF NOT EXISTS (SELECT FROM saga.destinations d WHERE d.name = dest AND d.kind = 'http') THEN
-        RAISE EXCEPTION 'step "%": HTTP destination "%" does not exist', step, dest
-            USING ERRCODE = 'undefined_object';
+        PERFORM saga._failed(id, phase, pos, step, n, call, false,
+                             format('HTTP destination "%s" does not exist', dest));
+        RETURN;
     END IF;
     SELECT * INTO s FROM saga.instances i WHERE i.id = _send.id;
     INSERT INTO saga.queue (message_id, destination, topic, payload, next_attempt_at, saga_call)

@@ -302,32 +302,44 @@ is_http_call(SagaCall *c)
 }
 
 /*
- * Make one call in a subtransaction and record its outcome; returns the
- * saga's next call if it can be made at once (never after an HTTP call,
- * which only queues it).
+ * Make one call and record its outcome; returns the saga's next call if it
+ * can be made at once (never after an HTTP call, which only queues it).
+ *
+ * A local step runs in a subtransaction, so that a failure rolls back only
+ * its own effects. Its outcome is recorded afterwards, in the worker's
+ * transaction, which has locked the saga: had the subtransaction updated the
+ * locked row, the new row version would need a MultiXact (the worker's lock
+ * and the subtransaction's update), one per step, which costs a lookup on
+ * every later visit and ages the cluster's MultiXact counter.
  */
 static SagaCall *
 run_call(SagaCall *c, MemoryContext cxt, int *http_calls)
 {
 	MemoryContext oldcxt = CurrentMemoryContext;
 	ResourceOwner oldowner = CurrentResourceOwner;
-	SagaCall   *next = NULL;
+	ErrorData  *edata = NULL;
+	Datum		result = (Datum) 0;
+	bool		isnull = true;
+	SagaCall   *next;
+
+	if (is_http_call(c))
+	{
+		send_http(c);
+		*http_calls += 1;
+		return NULL;
+	}
 
 	BeginInternalSubTransaction(NULL);
 	MemoryContextSwitchTo(oldcxt);
 	PG_TRY();
 	{
-		if (is_http_call(c))
+		result = invoke_as_owner(c, &isnull);
+		/* the result outlives the subtransaction, whatever it points into */
+		if (!isnull)
 		{
-			send_http(c);
-			*http_calls += 1;
-		}
-		else
-		{
-			bool		isnull;
-			Datum		result = invoke_as_owner(c, &isnull);
-
-			next = record_success(c, result, isnull, cxt);
+			MemoryContextSwitchTo(cxt);
+			result = PointerGetDatum(DatumGetJsonbPCopy(result));
+			MemoryContextSwitchTo(oldcxt);
 		}
 		ReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(oldcxt);
@@ -335,8 +347,6 @@ run_call(SagaCall *c, MemoryContext cxt, int *http_calls)
 	}
 	PG_CATCH();
 	{
-		ErrorData  *edata;
-
 		disable_timeout(STATEMENT_TIMEOUT, false);
 		MemoryContextSwitchTo(cxt);
 		edata = CopyErrorData();
@@ -344,12 +354,15 @@ run_call(SagaCall *c, MemoryContext cxt, int *http_calls)
 		RollbackAndReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(oldcxt);
 		CurrentResourceOwner = oldowner;
-		ereport(DEBUG1,
-				(errmsg("saga: %s of step \"%s\" failed: %s", c->phase, c->step, edata->message)));
-		next = record_failure(c, edata, cxt);
-		FreeErrorData(edata);
 	}
 	PG_END_TRY();
+
+	if (edata == NULL)
+		return record_success(c, result, isnull, cxt);
+	ereport(DEBUG1,
+			(errmsg("saga: %s of step \"%s\" failed: %s", c->phase, c->step, edata->message)));
+	next = record_failure(c, edata, cxt);
+	FreeErrorData(edata);
 	return next;
 }
 
