@@ -34,12 +34,14 @@ SIZES = {
                  http_messages=20000, http_rounds=2, http_concurrency=64, wrk_seconds=10,
                  latency_seconds=20, latency_rate=100, growth_messages=1000000, growth_batch=10000,
                  saga_count=20000, saga_seconds=10, start_seconds=8, start_rounds=3,
-                 saga_latency_count=500, saga_latency_rate=50),
+                 saga_latency_count=500, saga_latency_rate=50, dbos_workflows=3000,
+                 dbos_concurrency=16, dbos_rounds=2),
     "quick": dict(publish_seconds=5, publish_rounds=2, notify_messages=20000, notify_rounds=1,
                   http_messages=5000, http_rounds=1, http_concurrency=64, wrk_seconds=5,
                   latency_seconds=5, latency_rate=100, growth_messages=200000, growth_batch=10000,
                   saga_count=3000, saga_seconds=5, start_seconds=5, start_rounds=1,
-                  saga_latency_count=100, saga_latency_rate=50),
+                  saga_latency_count=100, saga_latency_rate=50, dbos_workflows=500,
+                  dbos_concurrency=16, dbos_rounds=1),
 }
 
 # a 200-byte business value and a 200-byte JSON payload
@@ -204,16 +206,17 @@ def check_outbox_empty(conn):
 # ---------------------------------------------------------------- results
 
 class Row:
-    def __init__(self, name, figure, baseline, ratio, target, ok):
+    def __init__(self, name, figure, baseline, ratio, target, ok, skipped=False):
         self.name, self.figure, self.baseline = name, figure, baseline
         self.ratio, self.target, self.ok = ratio, target, ok
+        self.skipped = skipped
 
 
 def print_table(rows):
     head = ("benchmark", "figure", "baseline", "ratio", "target", "result")
     cells = [head] + [(r.name, r.figure, r.baseline,
                        "-" if r.ratio is None else "%.2f" % r.ratio, r.target,
-                       "pass" if r.ok else "FAIL") for r in rows]
+                       "skip" if r.skipped else "pass" if r.ok else "FAIL") for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
     lines = []
     for i, c in enumerate(cells):
@@ -784,6 +787,33 @@ def write_script(cl, name, text):
     return path
 
 
+def run_sagas(c, worker, n):
+    """Start n sagas in one transaction and wait until no saga has work left;
+    check that n more completed and left their 3n step rows. Returns seconds
+    of the start transaction, seconds from its COMMIT until done, and the
+    worker's CPU seconds (None if unreadable)."""
+    c.query("TRUNCATE shop.s1, shop.s2, shop.s3")
+    before = int(c.value("SELECT count(*) FROM saga.instances WHERE status = 'completed'"))
+    w0 = cpu_seconds(worker)
+    ts = time.monotonic()
+    c.query("SELECT saga.start('bench3', jsonb_build_object('n', g)) FROM generate_series(1, %d) g"
+            % n)
+    t0 = time.monotonic()
+    wait_until("every saga to complete", lambda: c.value(
+        "SELECT 1 FROM saga.instances WHERE next_run_at IS NOT NULL LIMIT 1") is None, 600, 0.01)
+    elapsed = time.monotonic() - t0
+    w1 = cpu_seconds(worker)
+    done, rows = c.query("SELECT (SELECT count(*) FROM saga.instances WHERE status = 'completed'),"
+                         " (SELECT count(*) FROM shop.s1) + (SELECT count(*) FROM shop.s2)"
+                         " + (SELECT count(*) FROM shop.s3)")[0]
+    done = int(done) - before
+    if done != n or int(rows) != 3 * n:
+        raise BenchError("expected %d completed sagas and %d step rows, found %d and %s"
+                         % (n, 3 * n, done, rows))
+    say("   check: %d sagas completed, %s step rows" % (done, rows))
+    return t0 - ts, elapsed, None if None in (w0, w1) else w1 - w0
+
+
 def bench_sagas(ctx):
     o = ctx.opts
     say("== saga throughput: %s three-step sagas (each step inserts one row), started in one"
@@ -797,35 +827,122 @@ def bench_sagas(ctx):
     base, cmd = run_pgbench(cl, script, o.saga_seconds)
     say("   baseline: %s -f %s %s" % (" ".join(cmd), script, " ".join(cl.conninfo_args())))
     say("   baseline: %s transactions/s (= sagas/s)" % fmt_int(base))
-    c.query("TRUNCATE shop.s1, shop.s2, shop.s3")
     worker = cl.worker_pid(c)
-    w0 = cpu_seconds(worker)
-    c.query("SELECT saga.start('bench3', jsonb_build_object('n', g)) FROM generate_series(1, %d) g"
-            % o.saga_count)
-    t0 = time.monotonic()
-    wait_until("every saga to complete", lambda: c.value(
-        "SELECT 1 FROM saga.instances WHERE next_run_at IS NOT NULL LIMIT 1") is None, 600, 0.01)
-    elapsed = time.monotonic() - t0
-    w1 = cpu_seconds(worker)
-    done, rows = c.query("SELECT (SELECT count(*) FROM saga.instances WHERE status = 'completed'),"
-                         " (SELECT count(*) FROM shop.s1) + (SELECT count(*) FROM shop.s2)"
-                         " + (SELECT count(*) FROM shop.s3)")[0]
-    if int(done) != o.saga_count or int(rows) != 3 * o.saga_count:
-        raise BenchError("expected %d completed sagas and %d step rows, found %s and %s"
-                         % (o.saga_count, 3 * o.saga_count, done, rows))
-    rate = o.saga_count / elapsed
     say("   saga run: SELECT saga.start('bench3', ...) FROM generate_series(1, %d); COMMIT; then"
         " wait until no saga has work left" % o.saga_count)
+    start_s, elapsed, cpu = run_sagas(c, worker, o.saga_count)
+    rate = o.saga_count / elapsed
     say("   %s sagas completed in %.2f s: %s sagas/s; worker CPU %.0f us per saga"
         % (fmt_int(o.saga_count), elapsed, fmt_int(rate),
-           (w1 - w0) / o.saga_count * 1e6 if None not in (w0, w1) else float("nan")))
-    say("   check: %s sagas completed, %s step rows" % (done, rows))
-    say("   not run: the DBOS Transact comparison (@dbos-inc/dbos-sdk)")
+           cpu / o.saga_count * 1e6 if cpu is not None else float("nan")))
+    # for the DBOS comparison: DBOS's figure includes starting its workflows,
+    # so this one includes the start transaction
+    rate_started = o.saga_count / (start_s + elapsed)
+    say("   including the start transaction (%.2f s): %s sagas/s"
+        % (start_s, fmt_int(rate_started)))
+    ratio = rate / base
+    rows_out = [Row("saga throughput", fmt_int(rate) + " sagas/s", fmt_int(base) + " tps", ratio,
+                    ">= 0.5", ratio >= 0.5)]
+    rows_out.append(bench_dbos(ctx, cl, c, worker, rate_started))
     c.close()
     cl.stop()
-    ratio = rate / base
-    return [Row("saga throughput", fmt_int(rate) + " sagas/s", fmt_int(base) + " tps", ratio,
-                ">= 0.5", ratio >= 0.5)]
+    return rows_out
+
+
+DBOS_DIR = os.path.join(HERE, "dbos")
+DBOS_SCRIPT = os.path.join(DBOS_DIR, "workflow.mjs")
+
+
+def dbos_missing():
+    """Why the DBOS comparison cannot run here, or None."""
+    node = shutil.which("node")
+    if node is None:
+        return "node is not installed"
+    try:
+        v = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return "node --version failed: %s" % e
+    m = re.match(r"v(\d+)\.", v.strip())
+    if not m or int(m.group(1)) < 20:
+        return "node %s is too old (@dbos-inc/dbos-sdk needs node >= 20)" % v.strip()
+    if not os.path.isfile(os.path.join(DBOS_DIR, "node_modules", "@dbos-inc", "dbos-sdk",
+                                       "package.json")):
+        return "bench/dbos/node_modules is missing (as root: scripts/install-deps --bench)"
+    return None
+
+
+def run_dbos(cl, c, o, sysdb):
+    """One run of bench/dbos/workflow.mjs with a fresh system database; its
+    DBOS_RESULT, or a BenchError."""
+    c.query("CREATE DATABASE " + sysdb)
+    c.query("CHECKPOINT")
+    cmd = ["node", "--no-deprecation", DBOS_SCRIPT, "--host", cl.dir, "--port", str(cl.port),
+           "--user", cl.user, "--app-db", "bench", "--system-db", sysdb,
+           "--workflows", str(o.dbos_workflows), "--concurrency", str(o.dbos_concurrency)]
+    try:
+        p = subprocess.run(cmd, cwd=DBOS_DIR, capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired:
+        raise BenchError("the DBOS run timed out after 900 s: " + " ".join(cmd))
+    result = None
+    for line in p.stdout.splitlines():
+        if line.startswith("DBOS_RESULT "):
+            result = json.loads(line[len("DBOS_RESULT "):])
+    for line in p.stderr.splitlines():
+        if line.startswith("dbos: "):
+            say("   " + line)
+    if p.returncode != 0 or result is None or not result.get("ok"):
+        raise BenchError("the DBOS run failed (exit status %d): %s\n%s"
+                         % (p.returncode, " ".join(cmd), (p.stdout + p.stderr)[-3000:]))
+    say("   DBOS: %s workflows in %.2f s: %s workflows/s; check: %s rows, one per workflow and"
+        " table" % (fmt_int(result["workflows"]), result["seconds"],
+                    fmt_int(result["workflows_per_second"]), fmt_int(result["rows"])))
+    return cmd, result
+
+
+def bench_dbos(ctx, cl, c, worker, saga_rate):
+    """DBOS Transact on the sagas cluster: the same three inserts as a DBOS
+    workflow of three steps (bench/dbos/workflow.mjs), against sagas/s
+    including their start transaction. With dbos_rounds > 1 the saga run and
+    the DBOS run alternate and the best of each is kept."""
+    o = ctx.opts
+    name, target = "saga vs DBOS (x)", ">= 10"
+    if o.dbos_workflows <= 0 or o.dbos_rounds <= 0:
+        say("   DBOS comparison: skipped (--dbos-workflows or --dbos-rounds is 0)")
+        return Row(name, "skipped", "-", None, target, True, skipped=True)
+    missing = dbos_missing()
+    if missing:
+        say("   DBOS comparison: skipped: %s" % missing)
+        return Row(name, "skipped", "-", None, target, True, skipped=True)
+    say("   DBOS comparison, %d round(s) on this cluster (saga run, then DBOS run; best of each):"
+        " workflow bench3 = three DBOS steps (DBOS.registerStep), each one INSERT into"
+        " dbosbench.s1/s2/s3 (id bigserial PK, workflow text, note text) of database bench;"
+        " a fresh system database on the same server per run; %s workflows started with"
+        " DBOS.startWorkflow, %d in flight, after 50 untimed ones; timed from the first start"
+        " until the last result" % (o.dbos_rounds, fmt_int(o.dbos_workflows), o.dbos_concurrency))
+    saga_rates, dbos_rates = [saga_rate], []
+    try:
+        for r in range(o.dbos_rounds):
+            if r > 0:
+                start_s, elapsed, _ = run_sagas(c, worker, o.saga_count)
+                saga_rates.append(o.saga_count / (start_s + elapsed))
+            say("   round %d saga: %s sagas/s (start transaction included)"
+                % (r + 1, fmt_int(saga_rates[-1])))
+            cmd, result = run_dbos(cl, c, o, "dbos_sys_%d" % (r + 1))
+            dbos_rates.append(result["workflows_per_second"])
+            say("   round %d DBOS: %s workflows/s" % (r + 1, fmt_int(dbos_rates[-1])))
+    except (BenchError, PgError) as e:
+        ctx.errors.append(("sagas (DBOS)", str(e)))
+        say("   ERROR: %s" % e)
+        return Row(name, "error", "-", None, target, False)
+    say("   DBOS command: %s  (cwd %s)" % (" ".join(cmd), DBOS_DIR))
+    say("   DBOS: @dbos-inc/dbos-sdk %s, node %s, pools of %d connections"
+        % (result["sdk"], result["node"], result["pool_size"]))
+    best_saga, best_dbos = max(saga_rates), max(dbos_rates)
+    ratio = best_saga / best_dbos
+    say("   best of each: saga %s sagas/s / DBOS %s workflows/s = %.1f"
+        % (fmt_int(best_saga), fmt_int(best_dbos), ratio))
+    return Row(name, fmt_int(best_saga) + " sagas/s", fmt_int(best_dbos) + " wf/s (DBOS)", ratio,
+               target, ratio >= 10)
 
 
 def bench_start(ctx):
@@ -922,6 +1039,7 @@ class Context:
         self.clusters = []
         self.procs = []
         self.kept = []
+        self.errors = []
 
     def cluster(self, name):
         cl = Cluster(self.base, name, self.opts.extra_conf)
@@ -1024,6 +1142,7 @@ def main(argv):
             say()
     finally:
         ctx.cleanup()
+        errors += ctx.errors
         if not opts.keep:
             shutil.rmtree(base, ignore_errors=True)
         else:
