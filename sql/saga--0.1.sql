@@ -235,14 +235,21 @@ DECLARE
     dest text;
     dest_kind text;
     path text;
+    bad text;
 BEGIN
     IF jsonb_typeof(spec) = 'string' THEN
         fname := spec #>> '{}';
     ELSIF jsonb_typeof(spec) = 'object' THEN
-        IF EXISTS (SELECT FROM jsonb_object_keys(spec) k WHERE k NOT IN ('function', 'destination', 'path')) THEN
-            RAISE EXCEPTION 'step "%": % has an unknown field', step, field
+        SELECT k INTO bad FROM jsonb_object_keys(spec) k WHERE k NOT IN ('function', 'destination', 'path') LIMIT 1;
+        IF FOUND THEN
+            RAISE EXCEPTION 'step "%": % has an unknown field "%"', step, field, bad
                 USING ERRCODE = 'invalid_parameter_value',
-                      DETAIL = format('Allowed fields: function, destination, path; got %s.', spec);
+                      DETAIL = 'Allowed fields: function, destination, path.';
+        END IF;
+        IF spec ? 'path' AND NOT spec ? 'destination' THEN
+            RAISE EXCEPTION 'step "%": % has a "path" but no "destination"', step, field
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'A path belongs to an HTTP call: {"destination": "name", "path": "/p"}.';
         END IF;
         IF spec ? 'destination' THEN
             dest := spec ->> 'destination';
@@ -363,6 +370,7 @@ DECLARE
     prev_owner oid;
     v integer;
     i integer := 0;
+    bad text;
 BEGIN
     IF name = '' OR octet_length(name) > 63 THEN
         RAISE EXCEPTION 'saga name must have 1 to 63 bytes'
@@ -372,8 +380,9 @@ BEGIN
         RAISE EXCEPTION 'saga definition must be a JSON object with "steps"'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF EXISTS (SELECT FROM jsonb_object_keys(definition) k WHERE k NOT IN ('steps', 'deadline')) THEN
-        RAISE EXCEPTION 'saga definition has an unknown field'
+    SELECT k INTO bad FROM jsonb_object_keys(definition) k WHERE k NOT IN ('steps', 'deadline') LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'saga definition has an unknown field "%"', bad
             USING ERRCODE = 'invalid_parameter_value',
                   DETAIL = 'Allowed fields: steps, deadline.';
     END IF;
@@ -398,9 +407,10 @@ BEGIN
             RAISE EXCEPTION 'step "%" is defined twice', step_name USING ERRCODE = 'invalid_parameter_value';
         END IF;
         seen := seen || step_name;
-        IF EXISTS (SELECT FROM jsonb_object_keys(s) k
-                   WHERE k NOT IN ('name', 'action', 'compensation', 'timeout', 'max_attempts', 'backoff')) THEN
-            RAISE EXCEPTION 'step "%" has an unknown field', step_name
+        SELECT k INTO bad FROM jsonb_object_keys(s) k
+        WHERE k NOT IN ('name', 'action', 'compensation', 'timeout', 'max_attempts', 'backoff') LIMIT 1;
+        IF FOUND THEN
+            RAISE EXCEPTION 'step "%" has an unknown field "%"', step_name, bad
                 USING ERRCODE = 'invalid_parameter_value',
                       DETAIL = 'Allowed fields: name, action, compensation, timeout, max_attempts, backoff.';
         END IF;
@@ -525,6 +535,7 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_variable
 DECLARE
     resolved jsonb;
+    bad text;
 BEGIN
     IF c IS NULL OR jsonb_typeof(c) = 'null' THEN
         RETURN NULL;
@@ -533,8 +544,9 @@ BEGIN
         RAISE EXCEPTION 'step "%": compensation must be a JSON object such as {"function": "schema.f", "args": {}}', step
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF EXISTS (SELECT FROM jsonb_object_keys(c) k WHERE k NOT IN ('function', 'destination', 'path', 'args', 'body')) THEN
-        RAISE EXCEPTION 'step "%": compensation has an unknown field', step
+    SELECT k INTO bad FROM jsonb_object_keys(c) k WHERE k NOT IN ('function', 'destination', 'path', 'args', 'body') LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'step "%": compensation has an unknown field "%"', step, bad
             USING ERRCODE = 'invalid_parameter_value',
                   DETAIL = 'Allowed fields: function, args, destination, path, body.';
     END IF;

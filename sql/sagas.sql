@@ -154,6 +154,7 @@ SELECT pg_temp.err($$SELECT saga.define('sagas_bad', '{"steps": [{"name": "a", "
 SELECT pg_temp.err($$SELECT saga.define('sagas_bad', '{"steps": [{"name": "a", "action": {"destination": "sagas_http", "path": "charge"}}]}')$$);
 SELECT pg_temp.err($$SELECT saga.define('sagas_bad', '{"steps": [{"name": "a", "action": "sagas_fn.ship", "compensation": {"destination": "sagas_http", "path": "/re fund"}}]}')$$);
 SELECT pg_temp.err($$SELECT saga.define('sagas_bad', '{"steps": [{"name": "a", "action": {"destination": "sagas_http", "path": "/x"}, "timeout": "2 days"}]}')$$);
+SELECT pg_temp.err($$SELECT saga.define('sagas_bad', '{"steps": [{"name": "a", "action": {"function": "sagas_fn.ship", "path": "/x"}}]}')$$);
 SELECT pg_temp.err($$SELECT saga.define('sagas_bad', '{"steps": [{"name": "a", "action": {"destination": "sagas_http", "function": "sagas_fn.ship"}}]}')$$);
 -- bad timeout, backoff and deadline intervals
 SELECT pg_temp.err($$SELECT saga.define('sagas_bad', '{"steps": [{"name": "a", "action": "sagas_fn.ship", "timeout": "soon"}]}')$$);
