@@ -14,6 +14,7 @@ OBJS = \
 	src/api_saga.o \
 	src/engine.o \
 	src/invoke.o \
+	src/maintenance.o \
 	src/routing.o \
 	src/uuid7.o
 
@@ -22,7 +23,7 @@ DATA = $(wildcard sql/saga--*.sql)
 PG_CPPFLAGS = -I$(srcdir)/src
 SHLIB_LINK = -lcurl
 
-REGRESS = setup destinations subscriptions publish dead_letters monitoring sagas invoke
+REGRESS = setup destinations subscriptions publish dead_letters monitoring sagas invoke maintenance
 REGRESS_OPTS = --temp-config=$(srcdir)/test/saga.conf --temp-instance=tmp_check_regress --load-extension=saga
 
 TAP_TESTS = 1

@@ -5,13 +5,18 @@ PG_BINDIR=$(pg_config --bindir 2>/dev/null || echo /usr/lib/postgresql/15/bin)
 export PATH="$PG_BINDIR:$PATH"
 
 # build_and_install: compile and install into the server's directories
+# Servers that are running map saga.so: the old file is renamed away, never
+# rewritten in place, so they keep their copy.
 build_and_install() {
+    local sudo= lib
+    [[ $(id -u) -eq 0 ]] || sudo=sudo
     make -s -C "$ROOT" >/dev/null
-    if [[ $(id -u) -eq 0 ]]; then
-        make -s -C "$ROOT" install >/dev/null
-    else
-        sudo make -s -C "$ROOT" install >/dev/null
+    lib="$(pg_config --pkglibdir)/saga.so"
+    if [[ -e $lib ]]; then
+        $sudo mv -f "$lib" "$lib.replaced"
     fi
+    $sudo make -s -C "$ROOT" install >/dev/null
+    $sudo rm -f "$lib.replaced"
 }
 
 # as_user DIR CMD...: run CMD in DIR as the unprivileged user; when run as

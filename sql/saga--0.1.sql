@@ -1158,6 +1158,148 @@ CREATE FUNCTION saga.compensate(action_key text, fn regprocedure, ctx jsonb)
 RETURNS jsonb LANGUAGE c AS 'MODULE_PATHNAME', 'saga_compensate';
 COMMENT ON FUNCTION saga.compensate(text, regprocedure, jsonb) IS 'run fn(ctx) once if the action with this key ran here; otherwise leave a tombstone that refuses a later saga.invoke() of it, and return NULL';
 
+-- ---------- Maintenance ----------
+
+-- Finished sagas in the order saga.purge() removes them, so that a purge
+-- reads only what it deletes. Running sagas have no entry, and the updates
+-- that finish a saga also change next_run_at (indexed), so no update that
+-- was HOT stops being HOT.
+CREATE INDEX instances_finished ON saga.instances (finished_at, id)
+    WHERE status IN ('completed', 'compensated');
+
+-- saga.purge() as the extension owner: delete what finished before
+-- now() - older_than, batch_size rows per statement. Each batch starts after
+-- the last row of the one before (keyset), so rows this transaction already
+-- deleted are not read again. Every DELETE checks its condition again on the
+-- row it deletes: a row that changed meanwhile is kept.
+CREATE FUNCTION saga._purge(older_than interval, batch_size integer) RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+DECLARE
+    cutoff timestamptz;
+    total bigint := 0;
+    n bigint;
+    deleted bigint;
+    last_at timestamptz := '-infinity';
+    last_id uuid := '00000000-0000-0000-0000-000000000000';
+    last_key text := '';
+    last_dest text := '';
+BEGIN
+    BEGIN
+        cutoff := now() - older_than;
+    EXCEPTION WHEN datetime_field_overflow THEN
+        RETURN 0;               -- before the earliest timestamp: nothing is older
+    END;
+
+    -- completed and compensated sagas with their steps (failed ones wait
+    -- for an operator, running ones are never touched)
+    LOOP
+        WITH batch AS (
+            SELECT i.id, i.finished_at FROM saga.instances i
+            WHERE i.status IN ('completed', 'compensated') AND i.finished_at < cutoff
+              AND (i.finished_at, i.id) > (last_at, last_id)
+            ORDER BY i.finished_at, i.id LIMIT batch_size
+        ), sagas AS (
+            DELETE FROM saga.instances i
+            WHERE i.id = ANY (ARRAY(SELECT b.id FROM batch b))
+              AND i.status IN ('completed', 'compensated') AND i.finished_at < cutoff
+            RETURNING i.id
+        ), steps AS (
+            DELETE FROM saga.instance_steps x
+            WHERE x.saga_id = ANY (ARRAY(SELECT g.id FROM sagas g))
+            RETURNING 1
+        )
+        SELECT c.n, c.deleted, l.finished_at, l.id INTO n, deleted, last_at, last_id
+        FROM (SELECT (SELECT count(*) FROM batch) AS n,
+                     (SELECT count(*) FROM sagas) + (SELECT count(*) FROM steps) AS deleted) c
+        LEFT JOIN (SELECT b.finished_at, b.id FROM batch b
+                   ORDER BY b.finished_at DESC, b.id DESC LIMIT 1) l ON true;
+        total := total + deleted;
+        EXIT WHEN n < batch_size;
+    END LOOP;
+
+    -- invocations: executed, compensated or tombstones, by last activity
+    LOOP
+        WITH batch AS (
+            SELECT v.key FROM saga.invocations v
+            WHERE v.key > last_key AND greatest(v.invoked_at, v.compensated_at) < cutoff
+            ORDER BY v.key LIMIT batch_size
+        ), gone AS (
+            DELETE FROM saga.invocations v
+            WHERE v.key = ANY (ARRAY(SELECT b.key FROM batch b))
+              AND greatest(v.invoked_at, v.compensated_at) < cutoff
+            RETURNING 1
+        )
+        SELECT (SELECT count(*) FROM batch), (SELECT count(*) FROM gone), (SELECT max(b.key) FROM batch b)
+        INTO n, deleted, last_key;
+        total := total + deleted;
+        EXIT WHEN n < batch_size;
+    END LOOP;
+
+    -- messages kept for saga.message() after a NOTIFY without payload (dead
+    -- letters stay until redelivered or removed by an operator)
+    last_at := '-infinity';
+    last_id := '00000000-0000-0000-0000-000000000000';
+    LOOP
+        WITH batch AS (
+            SELECT q.ctid AS tid, q.finished_at, q.message_id, q.destination FROM saga.queue q
+            WHERE q.status = 'delivered' AND q.finished_at < cutoff
+              AND (q.finished_at, q.message_id, q.destination) > (last_at, last_id, last_dest)
+            ORDER BY q.finished_at, q.message_id, q.destination LIMIT batch_size
+        ), gone AS (
+            DELETE FROM saga.queue q
+            WHERE q.ctid = ANY (ARRAY(SELECT b.tid FROM batch b))
+              AND q.status = 'delivered' AND q.finished_at < cutoff
+            RETURNING 1
+        )
+        SELECT c.n, c.deleted, l.finished_at, l.message_id, l.destination
+        INTO n, deleted, last_at, last_id, last_dest
+        FROM (SELECT (SELECT count(*) FROM batch) AS n, (SELECT count(*) FROM gone) AS deleted) c
+        LEFT JOIN (SELECT b.finished_at, b.message_id, b.destination FROM batch b
+                   ORDER BY b.finished_at DESC, b.message_id DESC, b.destination DESC LIMIT 1) l ON true;
+        total := total + deleted;
+        EXIT WHEN n < batch_size;
+    END LOOP;
+
+    RETURN total;
+END
+$$;
+COMMENT ON FUNCTION saga._purge(interval, integer) IS 'internal: saga.purge() as the extension owner, batch_size rows per statement';
+
+-- Sagas whose deadline has passed but that no wake-up will bring to the
+-- worker: running ones with nothing due (or something due only later), and
+-- compensating ones with nothing due and no HTTP call out. A compensation
+-- waiting for its next attempt keeps its backoff. Rows the worker holds are
+-- skipped: it is handling them.
+CREATE FUNCTION saga._sweep_deadlines() RETURNS integer
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    WITH due AS (
+        SELECT i.id FROM saga.instances i
+        WHERE i.deadline < now()
+          AND ((i.status = 'running' AND (i.next_run_at IS NULL OR i.next_run_at > now()))
+               OR (i.status = 'compensating' AND i.next_run_at IS NULL AND i.request_id IS NULL))
+        FOR UPDATE SKIP LOCKED
+    ), woken AS (
+        UPDATE saga.instances i SET next_run_at = now()
+        FROM due d WHERE i.id = d.id
+        RETURNING 1
+    )
+    SELECT count(*)::integer FROM woken
+$$;
+COMMENT ON FUNCTION saga._sweep_deadlines() IS 'internal (maintenance job): make sagas past their deadline due, in case a wake-up was missed; returns how many';
+
+CREATE FUNCTION saga.purge(older_than interval DEFAULT '7 days')
+RETURNS bigint LANGUAGE c SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'saga_purge';
+COMMENT ON FUNCTION saga.purge(interval) IS 'delete completed and compensated sagas, invocations and kept NOTIFY messages older than older_than (failed sagas and dead letters stay); returns how many rows';
+
+CREATE FUNCTION saga.schedule_maintenance(schedule text DEFAULT '*/10 * * * *')
+RETURNS bigint LANGUAGE c SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'saga_schedule_maintenance';
+COMMENT ON FUNCTION saga.schedule_maintenance(text) IS 'register (or reschedule) the pg_cron job that sweeps deadlines and runs saga.purge() in this database; returns its job id';
+
+CREATE FUNCTION saga.unschedule_maintenance()
+RETURNS boolean LANGUAGE c SET search_path = pg_catalog, pg_temp AS 'MODULE_PATHNAME', 'saga_unschedule_maintenance';
+COMMENT ON FUNCTION saga.unschedule_maintenance() IS 'remove the pg_cron job of saga.schedule_maintenance(); false if there was none';
+
 -- Privileges: nothing for PUBLIC but the application API.
 REVOKE ALL ON ALL TABLES IN SCHEMA saga FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA saga FROM PUBLIC;

@@ -8,7 +8,7 @@
 \pset pager off
 
 BEGIN;
-SELECT plan(82);
+SELECT plan(85);
 
 CREATE ROLE saga_test_app;
 CREATE FUNCTION public.saga_test_trigger() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NEW; END';
@@ -24,6 +24,9 @@ SELECT function_privs_are('saga', 'subscribe', ARRAY['text', 'text'], 'public', 
 SELECT function_privs_are('saga', 'unsubscribe', ARRAY['text', 'text'], 'public', ARRAY[]::text[]);
 SELECT function_privs_are('saga', 'redeliver', ARRAY['uuid', 'text'], 'public', ARRAY[]::text[]);
 SELECT function_privs_are('saga', 'metrics', ARRAY[]::text[], 'public', ARRAY[]::text[]);
+SELECT function_privs_are('saga', 'purge', ARRAY['interval'], 'public', ARRAY[]::text[]);
+SELECT function_privs_are('saga', 'schedule_maintenance', ARRAY['text'], 'public', ARRAY[]::text[]);
+SELECT function_privs_are('saga', 'unschedule_maintenance', ARRAY[]::text[], 'public', ARRAY[]::text[]);
 SELECT function_privs_are('saga', 'publish', ARRAY['text', 'jsonb', 'text', 'jsonb', 'timestamp with time zone'], 'public', ARRAY['EXECUTE']);
 SELECT function_privs_are('saga', 'message', ARRAY['uuid'], 'public', ARRAY['EXECUTE']);
 SELECT function_privs_are('saga', 'worker_status', ARRAY[]::text[], 'public', ARRAY['EXECUTE']);
