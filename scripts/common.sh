@@ -15,7 +15,10 @@ build_and_install() {
     if [[ -e $lib ]]; then
         $sudo mv -f "$lib" "$lib.replaced"
     fi
-    $sudo make -s -C "$ROOT" install >/dev/null
+    if ! $sudo make -s -C "$ROOT" install >/dev/null; then
+        [[ ! -e $lib.replaced ]] || $sudo mv -f "$lib.replaced" "$lib"
+        return 1
+    fi
     $sudo rm -f "$lib.replaced"
 }
 
