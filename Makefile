@@ -13,6 +13,7 @@ OBJS = \
 	src/api.o \
 	src/api_saga.o \
 	src/engine.o \
+	src/inbox.o \
 	src/invoke.o \
 	src/maintenance.o \
 	src/routing.o \
@@ -23,7 +24,7 @@ DATA = $(wildcard sql/saga--*.sql)
 PG_CPPFLAGS = -I$(srcdir)/src
 SHLIB_LINK = -lcurl
 
-REGRESS = setup destinations subscriptions publish dead_letters monitoring sagas invoke maintenance
+REGRESS = setup destinations subscriptions publish dead_letters monitoring sagas invoke maintenance inbox
 REGRESS_OPTS = --temp-config=$(srcdir)/test/saga.conf --temp-instance=tmp_check_regress --load-extension=saga
 
 TAP_TESTS = 1

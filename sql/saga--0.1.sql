@@ -122,7 +122,7 @@ COMMENT ON FUNCTION saga.message(uuid) IS 'a message that is pending, dead-lette
 
 CREATE FUNCTION saga.redeliver(message_id uuid, destination text DEFAULT NULL)
 RETURNS integer LANGUAGE c AS 'MODULE_PATHNAME', 'saga_redeliver';
-COMMENT ON FUNCTION saga.redeliver(uuid, text) IS 'requeue a dead-lettered message (for one destination, or all); returns how many';
+COMMENT ON FUNCTION saga.redeliver(uuid, text) IS 'requeue a dead-lettered message (for one destination, or all, and a dead inbox message); returns how many';
 
 CREATE FUNCTION saga.metrics()
 RETURNS TABLE (name text, labels jsonb, value double precision)
@@ -1158,6 +1158,171 @@ CREATE FUNCTION saga.compensate(action_key text, fn regprocedure, ctx jsonb)
 RETURNS jsonb LANGUAGE c AS 'MODULE_PATHNAME', 'saga_compensate';
 COMMENT ON FUNCTION saga.compensate(text, regprocedure, jsonb) IS 'run fn(ctx) once if the action with this key ran here; otherwise leave a tombstone that refuses a later saga.invoke() of it, and return NULL';
 
+-- ---------- Inbox ----------
+
+-- Handlers: the worker calls handler(message jsonb) for every received
+-- message whose topic matches, as the role that registered it.
+CREATE TABLE saga.handlers (
+    pattern text NOT NULL,
+    prefix text,
+    handler regprocedure NOT NULL,
+    owner oid NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (pattern, handler)
+);
+COMMENT ON TABLE saga.handlers IS 'inbox handlers by topic pattern (internal; use saga.handle())';
+COMMENT ON COLUMN saga.handlers.handler IS 'the function, by OID: a function created later with the same name is not called in its place';
+COMMENT ON COLUMN saga.handlers.prefix IS 'for a pattern "x.*": "x."; for "*": empty; NULL for an exact topic';
+
+-- One row per received message id, kept after processing so that a
+-- duplicate is recognised (until saga.purge removes it).
+CREATE TABLE saga.inbox_messages (
+    message_id uuid PRIMARY KEY,
+    seq bigint GENERATED ALWAYS AS IDENTITY,
+    topic text NOT NULL,
+    key text,
+    payload jsonb NOT NULL,
+    headers jsonb,
+    source text,
+    status text NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'processed', 'dead')),
+    attempts integer NOT NULL DEFAULT 0,
+    next_attempt_at timestamptz NOT NULL DEFAULT now(),
+    last_error text,
+    received_at timestamptz NOT NULL DEFAULT now(),
+    processed_at timestamptz
+);
+CREATE INDEX inbox_due ON saga.inbox_messages (next_attempt_at, seq) WHERE status = 'pending';
+CREATE INDEX inbox_processed ON saga.inbox_messages (processed_at, message_id) WHERE status = 'processed';
+COMMENT ON TABLE saga.inbox_messages IS 'messages received with saga.receive(), pending, processed or dead (internal; read saga.inbox)';
+SELECT pg_catalog.pg_extension_config_dump('saga.handlers', '');
+SELECT pg_catalog.pg_extension_config_dump('saga.inbox_messages', '');
+
+CREATE VIEW saga.inbox AS
+SELECT m.message_id, m.topic, m.key, m.source, m.status, m.received_at, m.processed_at,
+       m.attempts, m.next_attempt_at, m.last_error
+FROM saga.inbox_messages m;
+COMMENT ON VIEW saga.inbox IS 'received messages: pending, processed by their handlers, or dead';
+
+CREATE FUNCTION saga._receive(message_id uuid, topic text, payload jsonb, key text, headers jsonb, source text)
+RETURNS boolean LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    WITH new AS (
+        INSERT INTO saga.inbox_messages (message_id, topic, key, payload, headers, source)
+        VALUES (message_id, topic, key, payload, headers, source)
+        ON CONFLICT ON CONSTRAINT inbox_messages_pkey DO NOTHING
+        RETURNING 1)
+    SELECT EXISTS (SELECT FROM new)
+$$;
+
+CREATE FUNCTION saga._handle(pattern text, prefix text, handler regprocedure, caller oid) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+DECLARE
+    p pg_proc;
+BEGIN
+    SELECT * INTO p FROM pg_proc f WHERE f.oid = handler;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'function with OID % does not exist', handler::oid USING ERRCODE = 'undefined_function';
+    END IF;
+    IF p.pronargs <> 1 OR p.proargtypes[0] <> 'jsonb'::regtype THEN
+        RAISE EXCEPTION 'handler % must take one jsonb argument (the message)', handler
+            USING ERRCODE = 'undefined_function';
+    END IF;
+    IF p.prokind <> 'f' OR p.proretset THEN
+        RAISE EXCEPTION 'handler % is not a plain function returning one value', handler
+            USING ERRCODE = 'wrong_object_type';
+    END IF;
+    IF p.pronamespace = pg_my_temp_schema()
+       OR (SELECT n.nspname LIKE 'pg\_temp\_%' FROM pg_namespace n WHERE n.oid = p.pronamespace) THEN
+        RAISE EXCEPTION 'handler % is a temporary function', handler
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'A handler outlives the session that registers it.';
+    END IF;
+    IF NOT has_function_privilege(caller, handler, 'EXECUTE') THEN
+        RAISE EXCEPTION 'permission denied for function %', handler USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    INSERT INTO saga.handlers (pattern, prefix, handler, owner)
+    VALUES (pattern, prefix, handler, caller)
+    ON CONFLICT DO NOTHING;
+    IF NOT FOUND THEN
+        RAISE NOTICE 'handler % is already registered for "%", skipping', handler, pattern;
+    END IF;
+END
+$$;
+
+CREATE FUNCTION saga._unhandle(pattern text, handler regprocedure, caller oid) RETURNS boolean
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+DECLARE
+    h saga.handlers;
+BEGIN
+    SELECT * INTO h FROM saga.handlers x WHERE x.pattern = _unhandle.pattern AND x.handler = handler
+    FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    IF NOT saga._may_control(caller, h.owner) THEN
+        RAISE EXCEPTION 'permission denied to remove handler % for "%"', handler, pattern
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = format('It was registered by role %s.', pg_get_userbyid(h.owner));
+    END IF;
+    DELETE FROM saga.handlers x WHERE x.pattern = h.pattern AND x.handler = h.handler;
+    RETURN true;
+END
+$$;
+
+-- The worker: due messages, locked, each with its envelope and the handlers
+-- whose pattern matches its topic (in registration order).
+CREATE FUNCTION saga._inbox_claim(lim integer)
+RETURNS TABLE (message_id uuid, envelope jsonb, handlers oid[], owners oid[])
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    SELECT m.message_id,
+           jsonb_build_object('id', m.message_id, 'topic', m.topic, 'key', m.key,
+                              'payload', m.payload, 'headers', m.headers, 'source', m.source),
+           h.handlers, h.owners
+    FROM saga.inbox_messages m,
+         LATERAL (SELECT coalesce(array_agg(x.handler::oid ORDER BY x.created_at, x.handler), '{}') AS handlers,
+                         coalesce(array_agg(x.owner ORDER BY x.created_at, x.handler), '{}') AS owners
+                  FROM saga.handlers x
+                  WHERE x.pattern = m.topic OR starts_with(m.topic, x.prefix)) h
+    WHERE m.status = 'pending' AND m.next_attempt_at <= now()
+    ORDER BY m.next_attempt_at, m.seq
+    LIMIT lim
+    FOR UPDATE OF m SKIP LOCKED
+$$;
+
+-- The worker: record how handling a message went (error NULL: processed).
+-- A failure is retried after 1 s, 2 s, 4 s ... (with jitter, at most 5
+-- minutes); the 10th failure makes the message dead.
+CREATE FUNCTION saga._inbox_done(message_id uuid, error text) RETURNS void
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    UPDATE saga.inbox_messages m
+    SET attempts = m.attempts + 1,
+        status = CASE WHEN error IS NULL THEN 'processed'
+                      WHEN m.attempts + 1 >= 10 THEN 'dead' ELSE 'pending' END,
+        processed_at = CASE WHEN error IS NULL THEN clock_timestamp() END,
+        last_error = error,
+        next_attempt_at = CASE WHEN error IS NULL THEN m.next_attempt_at
+            ELSE clock_timestamp() + least(interval '5 minutes',
+                 make_interval(secs => power(2, least(m.attempts, 20)) * (0.75 + random() / 2))) END
+    WHERE m.message_id = _inbox_done.message_id
+$$;
+
+CREATE FUNCTION saga.receive(message_id uuid, topic text, payload jsonb, key text DEFAULT NULL,
+    headers jsonb DEFAULT NULL, source text DEFAULT NULL)
+RETURNS boolean LANGUAGE c AS 'MODULE_PATHNAME', 'saga_receive';
+CREATE FUNCTION saga.handle(topic text, handler regprocedure)
+RETURNS void LANGUAGE c AS 'MODULE_PATHNAME', 'saga_handle';
+CREATE FUNCTION saga.unhandle(topic text, handler regprocedure)
+RETURNS boolean LANGUAGE c AS 'MODULE_PATHNAME', 'saga_unhandle';
+COMMENT ON FUNCTION saga.receive(uuid, text, jsonb, text, jsonb, text) IS 'store a message for this database''s handlers in the current transaction; false if its id was received before';
+COMMENT ON FUNCTION saga.handle(text, regprocedure) IS 'call handler(message jsonb) once for every received message of a topic, as the current role';
+COMMENT ON FUNCTION saga.unhandle(text, regprocedure) IS 'stop calling a handler for a topic; false if it was not registered';
+COMMENT ON FUNCTION saga._receive(uuid, text, jsonb, text, jsonb, text) IS 'internal: saga.receive() as the extension owner';
+COMMENT ON FUNCTION saga._handle(text, text, regprocedure, oid) IS 'internal: saga.handle() as the extension owner';
+COMMENT ON FUNCTION saga._unhandle(text, regprocedure, oid) IS 'internal: saga.unhandle() as the extension owner';
+COMMENT ON FUNCTION saga._inbox_claim(integer) IS 'internal (worker): lock due inbox messages with their handlers';
+COMMENT ON FUNCTION saga._inbox_done(uuid, text) IS 'internal (worker): record a message processed, or a failed attempt';
+
 -- ---------- Maintenance ----------
 
 -- Finished sagas in the order saga.purge() removes them, so that a purge
@@ -1232,6 +1397,29 @@ BEGIN
         )
         SELECT (SELECT count(*) FROM batch), (SELECT count(*) FROM gone), (SELECT max(b.key) FROM batch b)
         INTO n, deleted, last_key;
+        total := total + deleted;
+        EXIT WHEN n < batch_size;
+    END LOOP;
+
+    -- processed inbox messages (pending and dead ones stay)
+    last_at := '-infinity';
+    last_id := '00000000-0000-0000-0000-000000000000';
+    LOOP
+        WITH batch AS (
+            SELECT m.message_id, m.processed_at FROM saga.inbox_messages m
+            WHERE m.status = 'processed' AND m.processed_at < cutoff
+              AND (m.processed_at, m.message_id) > (last_at, last_id)
+            ORDER BY m.processed_at, m.message_id LIMIT batch_size
+        ), gone AS (
+            DELETE FROM saga.inbox_messages m
+            WHERE m.message_id = ANY (ARRAY(SELECT b.message_id FROM batch b))
+              AND m.status = 'processed' AND m.processed_at < cutoff
+            RETURNING 1
+        )
+        SELECT c.n, c.deleted, l.processed_at, l.message_id INTO n, deleted, last_at, last_id
+        FROM (SELECT (SELECT count(*) FROM batch) AS n, (SELECT count(*) FROM gone) AS deleted) c
+        LEFT JOIN (SELECT b.processed_at, b.message_id FROM batch b
+                   ORDER BY b.processed_at DESC, b.message_id DESC LIMIT 1) l ON true;
         total := total + deleted;
         EXIT WHEN n < batch_size;
     END LOOP;
@@ -1321,4 +1509,6 @@ GRANT EXECUTE ON FUNCTION saga.wait(uuid, interval) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION saga._may_control(oid, oid) TO PUBLIC;
 GRANT SELECT ON saga.sagas, saga.saga_steps, saga.stuck TO PUBLIC;
 GRANT EXECUTE ON FUNCTION saga.invoke(text, regprocedure, jsonb) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION saga.handle(text, regprocedure) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION saga.unhandle(text, regprocedure) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION saga.compensate(text, regprocedure, jsonb) TO PUBLIC;

@@ -830,6 +830,54 @@ saga_unsubscribe(PG_FUNCTION_ARGS)
 
 /* ---------- publishing ---------- */
 
+/*
+ * The arguments saga.publish and saga.receive share, checked: topic (0),
+ * payload (1), key (2) and headers (3); key and headers may be NULL.
+ */
+void
+saga_check_message(FunctionCallInfo fcinfo, char **topic, Jsonb **payload, text **key,
+				   Jsonb **headers)
+{
+	saga_require_arg(fcinfo, 0, "topic");
+	saga_require_arg(fcinfo, 1, "payload");
+	*topic = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	check_topic(*topic, false);
+	*payload = PG_GETARG_JSONB_P(1);
+	if (VARSIZE(*payload) > (Size) saga_max_payload_size)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("payload is too large (%zu bytes)", (size_t) VARSIZE(*payload)),
+				 errdetail("saga.max_payload_size is %d bytes.", saga_max_payload_size)));
+	*key = NULL;
+	if (!PG_ARGISNULL(2))
+	{
+		*key = PG_GETARG_TEXT_PP(2);
+		if (VARSIZE_ANY_EXHDR(*key) == 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("key must not be empty"),
+					 errhint("Pass NULL for a message without a key.")));
+		if (VARSIZE_ANY_EXHDR(*key) > MAX_KEY_BYTES)
+			ereport(ERROR,
+					(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+					 errmsg("key is too long (%zu bytes)", (size_t) VARSIZE_ANY_EXHDR(*key)),
+					 errdetail("A key has at most %d bytes.", MAX_KEY_BYTES)));
+	}
+	*headers = NULL;
+	if (!PG_ARGISNULL(3))
+	{
+		*headers = PG_GETARG_JSONB_P(3);
+		check_headers(*headers, "message headers");
+	}
+}
+
+/* A topic or topic pattern ("order.*", "*") as saga.subscribe takes it. */
+void
+saga_check_topic_pattern(const char *pattern)
+{
+	check_topic(pattern, true);
+}
+
 Datum
 saga_publish(PG_FUNCTION_ARGS)
 {
@@ -850,35 +898,7 @@ saga_publish(PG_FUNCTION_ARGS)
 	char		nulls[7] = "       ";
 	int			rc;
 
-	saga_require_arg(fcinfo, 0, "topic");
-	saga_require_arg(fcinfo, 1, "payload");
-	topic = text_to_cstring(PG_GETARG_TEXT_PP(0));
-	check_topic(topic, false);
-	payload = PG_GETARG_JSONB_P(1);
-	if (VARSIZE(payload) > (Size) saga_max_payload_size)
-		ereport(ERROR,
-				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
-				 errmsg("payload is too large (%zu bytes)", (size_t) VARSIZE(payload)),
-				 errdetail("saga.max_payload_size is %d bytes.", saga_max_payload_size)));
-	if (!PG_ARGISNULL(2))
-	{
-		key = PG_GETARG_TEXT_PP(2);
-		if (VARSIZE_ANY_EXHDR(key) == 0)
-			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-					 errmsg("key must not be empty"),
-					 errhint("Pass NULL for a message without a key.")));
-		if (VARSIZE_ANY_EXHDR(key) > MAX_KEY_BYTES)
-			ereport(ERROR,
-					(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
-					 errmsg("key is too long (%zu bytes)", (size_t) VARSIZE_ANY_EXHDR(key)),
-					 errdetail("A key has at most %d bytes.", MAX_KEY_BYTES)));
-	}
-	if (!PG_ARGISNULL(3))
-	{
-		headers = PG_GETARG_JSONB_P(3);
-		check_headers(headers, "message headers");
-	}
+	saga_check_message(fcinfo, &topic, &payload, &key, &headers);
 	deliver_at = PG_ARGISNULL(4) ? GetCurrentTransactionStartTimestamp() : PG_GETARG_TIMESTAMPTZ(4);
 	if (TIMESTAMP_NOT_FINITE(deliver_at))
 		ereport(ERROR,
@@ -996,7 +1016,9 @@ saga_redeliver(PG_FUNCTION_ARGS)
 	saga_begin_as_owner(&oc, true);
 	if (dest)
 		require_destination(dest);
-	saga_run_sql("SELECT 1 FROM saga.queue WHERE message_id = $1 LIMIT 1", 1, types, values, nulls, true);
+	saga_run_sql("SELECT 1 FROM saga.queue WHERE message_id = $1"
+			" UNION ALL SELECT 1 FROM saga.inbox_messages WHERE message_id = $1 AND $2::text IS NULL"
+			" LIMIT 1", 2, types, values, nulls, true);
 	if (SPI_processed == 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
@@ -1009,6 +1031,11 @@ saga_redeliver(PG_FUNCTION_ARGS)
 			"   AND EXISTS (SELECT 1 FROM saga.destinations d WHERE d.name = q.destination)",
 			2, types, values, nulls, false);
 	n = SPI_processed;
+	/* a dead inbox message: its handlers run again */
+	saga_run_sql("UPDATE saga.inbox_messages m SET status = 'pending', attempts = 0, next_attempt_at = now()"
+			" WHERE m.message_id = $1 AND m.status = 'dead' AND $2::text IS NULL",
+			2, types, values, nulls, false);
+	n += SPI_processed;
 	saga_end_as_owner(&oc);
 	if (n > 0)
 		saga_wake_at_commit(0);
@@ -1090,6 +1117,10 @@ saga_metrics(PG_FUNCTION_ARGS)
 			" UNION ALL"
 			" SELECT 'sagas_past_deadline', '{}', count(*)::float8, ''"
 			" FROM saga.instances i WHERE i.status IN ('running', 'compensating') AND i.deadline < now()"
+			" UNION ALL"
+			" SELECT 'inbox_messages', jsonb_build_object('status', st.status),"
+			"   (SELECT count(*) FROM saga.inbox_messages m WHERE m.status = st.status)::float8, st.status"
+			" FROM unnest(ARRAY['pending', 'processed', 'dead']) st(status)"
 			") m ORDER BY m.name, m.sort",
 			0, NULL, NULL, NULL, true);
 	for (uint64 i = 0; i < SPI_processed; i++)

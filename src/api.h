@@ -7,6 +7,7 @@
 #define SAGA_API_H
 
 #include "fmgr.h"
+#include "utils/jsonb.h"
 
 typedef struct SagaOwnerContext
 {
@@ -20,5 +21,8 @@ extern void saga_end_as_owner(SagaOwnerContext *oc);
 extern int	saga_run_sql(const char *sql, int nargs, Oid *types, Datum *values,
 						 const char *nulls, bool read_only);
 extern void saga_require_arg(FunctionCallInfo fcinfo, int argno, const char *name);
+extern void saga_check_message(FunctionCallInfo fcinfo, char **topic, Jsonb **payload,
+							   text **key, Jsonb **headers);
+extern void saga_check_topic_pattern(const char *pattern);
 
 #endif							/* SAGA_API_H */

@@ -16,6 +16,7 @@
  */
 #include "saga.h"
 #include "engine.h"
+#include "outbox.h"
 
 #include "access/xact.h"
 #include "catalog/pg_proc.h"
@@ -31,6 +32,7 @@
 #include "utils/numeric.h"
 #include "utils/regproc.h"
 #include "utils/resowner.h"
+#include "utils/syscache.h"
 #include "utils/timeout.h"
 #include "utils/timestamp.h"
 #include "utils/uuid.h"
@@ -53,16 +55,6 @@ static SPIPlanPtr succeeded_plan = NULL;
 static SPIPlanPtr failed_plan = NULL;
 static SPIPlanPtr send_plan = NULL;
 
-static SPIPlanPtr
-prepare(const char *sql, int nargs, Oid *types)
-{
-	SPIPlanPtr	plan = SPI_prepare(sql, nargs, types);
-
-	if (plan == NULL)
-		elog(ERROR, "SPI_prepare failed for saga engine query: %s", SPI_result_code_string(SPI_result));
-	SPI_keepplan(plan);
-	return plan;
-}
 
 /* The call in row i of the last SPI result, copied into cxt; NULL if none. */
 static SagaCall *
@@ -142,61 +134,70 @@ is_transient(int sqlerrcode)
 		sqlerrcode == ERRCODE_LOCK_NOT_AVAILABLE;
 }
 
-/* fn(jsonb) RETURNS jsonb, a plain function: what define checked, still true */
+/*
+ * fn(jsonb), a plain function, returning jsonb if returns_jsonb: what
+ * define or handle checked, still true.
+ */
 static bool
-is_step_function(Oid fn)
+takes_one_jsonb(Oid fn, bool returns_jsonb)
 {
 	Oid		   *argtypes;
 	int			nargs;
 	Oid			rettype = get_func_signature(fn, &argtypes, &nargs);
 
-	return rettype == JSONBOID && nargs == 1 && argtypes[0] == JSONBOID &&
+	return (rettype == JSONBOID || !returns_jsonb) && nargs == 1 && argtypes[0] == JSONBOID &&
 		!get_func_retset(fn) && get_func_prokind(fn) == PROKIND_FUNCTION;
 }
 
-/* Call the step's function as the saga's owner; returns its result. */
-static Datum
-invoke_as_owner(SagaCall *c, bool *isnull)
+/*
+ * Call fn(arg) as role owner, in a restricted security context (no SET
+ * ROLE, no SET SESSION AUTHORIZATION); returns its result. A timeout_ms > 0
+ * cancels it like statement_timeout (57014). Saga steps and compensations
+ * return jsonb; inbox handlers may return anything (returns_jsonb false).
+ * Run it in a subtransaction: an error leaves the identity and settings to
+ * the subtransaction's abort.
+ */
+Datum
+saga_call_as_owner(Oid fn, Oid owner, Jsonb *arg, int timeout_ms,
+				   bool returns_jsonb, bool *isnull)
 {
-	char	   *fname = call_field(c->call, "function");
-	int			timeout_ms = call_int_field(c->call, "timeout_ms");
-	Oid			fn;
 	Oid			save_user;
 	int			save_sec;
 	FmgrInfo	flinfo;
 	LOCAL_FCINFO(fcinfo, 1);
 	Datum		result;
 	int			guc_level;
+	char	   *fname;
 
-	if (fname == NULL)
+	if (!SearchSysCacheExists1(PROCOID, ObjectIdGetDatum(fn)))
 		ereport(ERROR,
-				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
-				 errmsg("step \"%s\" is not a local function call", c->step)));
-	fn = DatumGetObjectId(DirectFunctionCall1(regprocedurein, CStringGetDatum(fname)));
-	if (!is_step_function(fn))
+				(errcode(ERRCODE_UNDEFINED_FUNCTION),
+				 errmsg("function with OID %u does not exist", fn)));
+	fname = format_procedure(fn);
+	if (!takes_one_jsonb(fn, returns_jsonb))
 		ereport(ERROR,
 				(errcode(ERRCODE_WRONG_OBJECT_TYPE),
-				 errmsg("%s is not a function taking and returning one jsonb value", fname)));
-	if (pg_proc_aclcheck(fn, c->owner, ACL_EXECUTE) != ACLCHECK_OK)
+				 errmsg(returns_jsonb ? "%s is not a function taking and returning one jsonb value" :
+						"%s is not a function taking one jsonb value", fname)));
+	if (pg_proc_aclcheck(fn, owner, ACL_EXECUTE) != ACLCHECK_OK)
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 				 errmsg("role \"%s\" may not execute function %s",
-						GetUserNameFromId(c->owner, true) ? GetUserNameFromId(c->owner, true) : "?", fname)));
+						GetUserNameFromId(owner, true) ? GetUserNameFromId(owner, true) : "?", fname)));
 
 	/*
-	 * Settings the step changes, even with SET at session level, must not
-	 * outlive it: the worker's search_path and read-only state protect every
-	 * later statement (an error undoes them with the subtransaction).
+	 * Settings the function changes, even with SET at session level, must
+	 * not outlive it: the worker's search_path and read-only state protect
+	 * every later statement (an error undoes them with the subtransaction).
 	 */
 	guc_level = NewGUCNestLevel();
 	GetUserIdAndSecContext(&save_user, &save_sec);
-	SetUserIdAndSecContext(c->owner, save_sec | SECURITY_LOCAL_USERID_CHANGE |
+	SetUserIdAndSecContext(owner, save_sec | SECURITY_LOCAL_USERID_CHANGE |
 						   SECURITY_RESTRICTED_OPERATION);
 	fmgr_info(fn, &flinfo);
 	InitFunctionCallInfoData(*fcinfo, &flinfo, 1, InvalidOid, NULL, NULL);
-	fcinfo->args[0].value = JsonbPGetDatum(c->ctx);
+	fcinfo->args[0].value = JsonbPGetDatum(arg);
 	fcinfo->args[0].isnull = false;
-	/* the step's "timeout" cancels it like statement_timeout (57014) */
 	if (timeout_ms > 0)
 		enable_timeout_after(STATEMENT_TIMEOUT, timeout_ms);
 	result = FunctionCallInvoke(fcinfo);
@@ -206,6 +207,21 @@ invoke_as_owner(SagaCall *c, bool *isnull)
 	SetUserIdAndSecContext(save_user, save_sec);
 	AtEOXact_GUC(false, guc_level);
 	return result;
+}
+
+/* Call the step's function as the saga's owner; returns its result. */
+static Datum
+invoke_as_owner(SagaCall *c, bool *isnull)
+{
+	char	   *fname = call_field(c->call, "function");
+
+	if (fname == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("step \"%s\" is not a local function call", c->step)));
+	return saga_call_as_owner(DatumGetObjectId(DirectFunctionCall1(regprocedurein,
+																   CStringGetDatum(fname))),
+							  c->owner, c->ctx, call_int_field(c->call, "timeout_ms"), true, isnull);
 }
 
 static SagaCall *
@@ -219,7 +235,7 @@ record_success(SagaCall *c, Datum result, bool isnull, MemoryContext cxt)
 	{
 		Oid			types[6] = {UUIDOID, TEXTOID, INT4OID, TEXTOID, INT4OID, JSONBOID};
 
-		succeeded_plan = prepare("SELECT * FROM saga._succeeded($1, $2, $3, $4, $5, $6)", 6, types);
+		succeeded_plan = saga_prepare_kept("SELECT * FROM saga._succeeded($1, $2, $3, $4, $5, $6)", 6, types);
 	}
 	values[0] = UUIDPGetDatum(&c->saga_id);
 	values[1] = CStringGetTextDatum(c->phase);
@@ -246,7 +262,7 @@ record_failure(SagaCall *c, ErrorData *edata, MemoryContext cxt)
 	{
 		Oid			types[8] = {UUIDOID, TEXTOID, INT4OID, TEXTOID, INT4OID, JSONBOID, BOOLOID, TEXTOID};
 
-		failed_plan = prepare("SELECT * FROM saga._failed($1, $2, $3, $4, $5, $6, $7, $8)", 8, types);
+		failed_plan = saga_prepare_kept("SELECT * FROM saga._failed($1, $2, $3, $4, $5, $6, $7, $8)", 8, types);
 	}
 	initStringInfo(&msg);
 	appendStringInfo(&msg, "%s (SQLSTATE %s)", edata->message ? edata->message : "unknown error",
@@ -277,7 +293,7 @@ send_http(SagaCall *c)
 	{
 		Oid			types[8] = {UUIDOID, TEXTOID, INT4OID, TEXTOID, INT4OID, JSONBOID, JSONBOID, UUIDOID};
 
-		send_plan = prepare("SELECT saga._send($1, $2, $3, $4, $5, $6, $7, $8)", 8, types);
+		send_plan = saga_prepare_kept("SELECT saga._send($1, $2, $3, $4, $5, $6, $7, $8)", 8, types);
 	}
 	saga_uuid7(request.data);
 	values[0] = UUIDPGetDatum(&c->saga_id);
@@ -386,7 +402,7 @@ saga_engine_run(int limit, int *http_calls)
 	{
 		Oid			types[1] = {INT4OID};
 
-		claim_plan = prepare("SELECT * FROM saga._claim($1)", 1, types);
+		claim_plan = saga_prepare_kept("SELECT * FROM saga._claim($1)", 1, types);
 	}
 	values[0] = Int32GetDatum(limit);
 	rc = SPI_execute_plan(claim_plan, values, NULL, false, 0);

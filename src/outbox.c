@@ -49,8 +49,8 @@ prepare_kept_with(const char *sql, int nargs, Oid *argtypes, int cursor_options)
 	return plan;
 }
 
-static SPIPlanPtr
-prepare_kept(const char *sql, int nargs, Oid *argtypes)
+SPIPlanPtr
+saga_prepare_kept(const char *sql, int nargs, Oid *argtypes)
 {
 	return prepare_kept_with(sql, nargs, argtypes, 0);
 }
@@ -125,7 +125,7 @@ saga_outbox_destinations(void)
 	int			rc;
 
 	if (plan == NULL)
-		plan = prepare_kept(
+		plan = saga_prepare_kept(
 							"SELECT name, kind, target,"
 							" ARRAY(SELECT h.key || ': ' || h.value FROM jsonb_each_text(headers) h),"
 							" (extract(epoch FROM timeout) * 1000)::int4,"
@@ -212,7 +212,7 @@ keep_for_retention(SagaDestination *dest, NotifyRow *row)
 	{
 		Oid			types[4] = {TEXTOID, TEXTOID, INT8OID, TIMESTAMPTZOID};
 
-		plan = prepare_kept(
+		plan = saga_prepare_kept(
 							"INSERT INTO saga.queue (message_id, destination, seq, topic, key, payload,"
 							"  headers, published_at, next_attempt_at, attempts, status, finished_at)"
 							" SELECT (e->>'id')::uuid, $2, $3, e->>'topic', e->>'key', e->'payload',"
@@ -525,7 +525,7 @@ record_saga_call(SagaHttpRequest *req)
 	{
 		Oid			types[6] = {TIDOID, UUIDOID, INT4OID, INT4OID, TEXTOID, TEXTOID};
 
-		plan = prepare_kept("SELECT saga._received($1, $2, $3, $4, $5, $6)", 6, types);
+		plan = saga_prepare_kept("SELECT saga._received($1, $2, $3, $4, $5, $6)", 6, types);
 	}
 	args[0] = PointerGetDatum(&req->tid);
 	args[1] = UUIDPGetDatum(&req->message_id);
@@ -708,7 +708,7 @@ saga_outbox_next_due(SagaDestination *dest)
 	{
 		Oid			types[1] = {TEXTOID};
 
-		plan = prepare_kept("SELECT min(next_attempt_at) FROM saga.queue"
+		plan = saga_prepare_kept("SELECT min(next_attempt_at) FROM saga.queue"
 							" WHERE destination = $1 AND status = 'pending' AND next_attempt_at > now()",
 							1, types);
 	}
@@ -734,7 +734,7 @@ saga_outbox_expire_retained(void)
 	{
 		Oid			types[1] = {INT4OID};
 
-		plan = prepare_kept(
+		plan = saga_prepare_kept(
 							"DELETE FROM saga.queue q WHERE q.ctid = ANY (ARRAY("
 							"  SELECT c.ctid FROM saga.queue c WHERE c.status = 'delivered'"
 							"    AND c.finished_at < now() - $1 * interval '1 second' LIMIT 1000))",

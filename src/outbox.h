@@ -6,6 +6,7 @@
 #define SAGA_OUTBOX_H
 
 #include "datatype/timestamp.h"
+#include "executor/spi.h"
 #include "nodes/pg_list.h"
 
 #include "transport_http.h"
@@ -37,6 +38,7 @@ typedef struct SagaRecordCounts
 	int			dead;
 } SagaRecordCounts;
 
+extern SPIPlanPtr saga_prepare_kept(const char *sql, int nargs, Oid *argtypes);
 extern bool saga_outbox_extension_present(void);
 extern void saga_outbox_reconcile(void);
 extern List *saga_outbox_destinations(void);

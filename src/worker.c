@@ -31,6 +31,7 @@
 
 #include "compat.h"
 #include "engine.h"
+#include "inbox.h"
 #include "outbox.h"
 
 /*
@@ -52,6 +53,9 @@
  */
 #define SAGAS_PER_TRANSACTION	20
 #define SAGA_BATCHES_PER_CYCLE	25
+/* the same for inbox messages: one subtransaction each */
+#define INBOX_MESSAGES_PER_TRANSACTION	20
+#define INBOX_BATCHES_PER_CYCLE	25
 
 #define RETENTION_SWEEP_MS	60000
 
@@ -253,6 +257,9 @@ run_cycle(SagaHttp *http, bool sweep_retained, bool reread, TimestampTz *next_du
 	due = saga_engine_next_due();
 	if (due != 0 && (*next_due == 0 || due < *next_due))
 		*next_due = due;
+	due = saga_inbox_next_due();
+	if (due != 0 && (*next_due == 0 || due < *next_due))
+		*next_due = due;
 	end_work();
 
 	/* committed: the outcomes are durable, the claims are ours */
@@ -305,6 +312,22 @@ run_cycle(SagaHttp *http, bool sweep_retained, bool reread, TimestampTz *next_du
 		if (http_calls > 0)
 			more = true;
 		if (sagas < SAGAS_PER_TRANSACTION)
+			break;
+	}
+
+	for (int batch = 0;; batch++)
+	{
+		int			handled;
+
+		if (batch == INBOX_BATCHES_PER_CYCLE)
+		{
+			more = true;
+			break;
+		}
+		begin_work("handling inbox messages");
+		handled = saga_inbox_run(INBOX_MESSAGES_PER_TRANSACTION);
+		end_work();
+		if (handled < INBOX_MESSAGES_PER_TRANSACTION)
 			break;
 	}
 

@@ -18,7 +18,7 @@ SELECT isnt(obj_description('saga'::regnamespace, 'pg_namespace'), NULL, 'schema
 
 -- tables and their keys
 SELECT tables_are('saga', ARRAY['destinations', 'subscriptions', 'queue', 'definitions', 'instances',
-							   'instance_steps', 'invocations']);
+							   'instance_steps', 'invocations', 'handlers', 'inbox_messages']);
 SELECT has_table('saga', 'destinations', 'table saga.destinations exists');
 SELECT has_table('saga', 'subscriptions', 'table saga.subscriptions exists');
 SELECT has_table('saga', 'queue', 'table saga.queue exists');
@@ -45,7 +45,7 @@ SELECT col_not_null('saga', 'definitions', 'owner', 'every definition records th
 SELECT col_not_null('saga', 'definitions', 'steps', 'every definition has its resolved steps');
 
 -- views promised by the design, with their columns
-SELECT views_are('saga', ARRAY['outbox', 'dead_letters', 'sagas', 'saga_steps', 'stuck']);
+SELECT views_are('saga', ARRAY['outbox', 'dead_letters', 'sagas', 'saga_steps', 'stuck', 'inbox']);
 SELECT has_view('saga', 'outbox', 'view saga.outbox exists');
 SELECT has_view('saga', 'dead_letters', 'view saga.dead_letters exists');
 SELECT ok(ARRAY['message_id', 'topic', 'key', 'destination', 'status', 'attempts', 'next_attempt_at', 'last_error']::name[]
@@ -80,7 +80,8 @@ SELECT functions_are('saga', ARRAY['create_destination', 'drop_destination', 'su
 								   '_may_control', '_resolve_call', '_interval', '_define', '_start', '_begin',
 								   '_lock', '_check_compensation', '_step', '_complete', '_abort', '_retry',
 								   '_get', '_status', '_next', '_claim', '_succeeded', '_failed', '_send', '_received',
-								   'purge', 'schedule_maintenance', 'unschedule_maintenance', '_purge', '_sweep_deadlines']);
+								   'purge', 'schedule_maintenance', 'unschedule_maintenance', '_purge', '_sweep_deadlines',
+								   'receive', 'handle', 'unhandle', '_receive', '_handle', '_unhandle', '_inbox_claim', '_inbox_done']);
 SELECT has_function('saga', 'create_destination', ARRAY['text', 'text', 'jsonb']);
 SELECT has_function('saga', 'drop_destination', ARRAY['text']);
 SELECT has_function('saga', 'subscribe', ARRAY['text', 'text']);
@@ -222,8 +223,9 @@ $$, 'every function in schema saga is a member of the extension');
 SELECT set_eq($$
 	SELECT unnest(extconfig)::regclass::text FROM pg_extension WHERE extname = 'saga'
 $$, ARRAY['saga.destinations', 'saga.subscriptions', 'saga.queue', 'saga.queue_seq',
-		  'saga.definitions', 'saga.instances', 'saga.instance_steps', 'saga.invocations'],
-	'pg_dump keeps destinations, subscriptions, the queue and its sequence, sagas and invocations');
+		  'saga.definitions', 'saga.instances', 'saga.instance_steps', 'saga.invocations',
+		  'saga.handlers', 'saga.inbox_messages'],
+	'pg_dump keeps destinations, subscriptions, the queue and its sequence, sagas, invocations and the inbox');
 
 -- the kinds of destination the table accepts, and the statuses of the queue
 SELECT throws_ok($$INSERT INTO saga.destinations (name, kind, target, timeout, max_attempts, backoff, max_backoff, concurrency)

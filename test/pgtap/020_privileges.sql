@@ -8,7 +8,7 @@
 \pset pager off
 
 BEGIN;
-SELECT plan(85);
+SELECT plan(97);
 
 CREATE ROLE saga_test_app;
 CREATE FUNCTION public.saga_test_trigger() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NEW; END';
@@ -30,6 +30,10 @@ SELECT function_privs_are('saga', 'unschedule_maintenance', ARRAY[]::text[], 'pu
 SELECT function_privs_are('saga', 'publish', ARRAY['text', 'jsonb', 'text', 'jsonb', 'timestamp with time zone'], 'public', ARRAY['EXECUTE']);
 SELECT function_privs_are('saga', 'message', ARRAY['uuid'], 'public', ARRAY['EXECUTE']);
 SELECT function_privs_are('saga', 'worker_status', ARRAY[]::text[], 'public', ARRAY['EXECUTE']);
+-- the inbox: remote services' roles are granted receive; handlers are the application's
+SELECT function_privs_are('saga', 'receive', ARRAY['uuid', 'text', 'jsonb', 'text', 'jsonb', 'text'], 'public', ARRAY[]::text[]);
+SELECT function_privs_are('saga', 'handle', ARRAY['text', 'regprocedure'], 'public', ARRAY['EXECUTE']);
+SELECT function_privs_are('saga', 'unhandle', ARRAY['text', 'regprocedure'], 'public', ARRAY['EXECUTE']);
 -- the same seen from a fresh role
 SELECT function_privs_are('saga', 'create_destination', ARRAY['text', 'text', 'jsonb'], 'saga_test_app', ARRAY[]::text[]);
 SELECT function_privs_are('saga', 'drop_destination', ARRAY['text'], 'saga_test_app', ARRAY[]::text[]);
@@ -40,13 +44,16 @@ SELECT function_privs_are('saga', 'metrics', ARRAY[]::text[], 'saga_test_app', A
 SELECT function_privs_are('saga', 'publish', ARRAY['text', 'jsonb', 'text', 'jsonb', 'timestamp with time zone'], 'saga_test_app', ARRAY['EXECUTE']);
 SELECT function_privs_are('saga', 'message', ARRAY['uuid'], 'saga_test_app', ARRAY['EXECUTE']);
 SELECT function_privs_are('saga', 'worker_status', ARRAY[]::text[], 'saga_test_app', ARRAY['EXECUTE']);
+SELECT function_privs_are('saga', 'receive', ARRAY['uuid', 'text', 'jsonb', 'text', 'jsonb', 'text'], 'saga_test_app', ARRAY[]::text[]);
+SELECT function_privs_are('saga', 'handle', ARRAY['text', 'regprocedure'], 'saga_test_app', ARRAY['EXECUTE']);
+SELECT function_privs_are('saga', 'unhandle', ARRAY['text', 'regprocedure'], 'saga_test_app', ARRAY['EXECUTE']);
 -- and nothing else in the schema is executable by PUBLIC (catches new functions)
 SELECT set_eq($$
 	SELECT p.proname::text FROM pg_proc p
 	WHERE p.pronamespace = 'saga'::regnamespace AND has_function_privilege('public', p.oid, 'EXECUTE')
 $$, ARRAY['publish', 'message', 'worker_status', 'invoke', 'compensate',
 		'define', 'start', 'begin', 'step', 'complete', 'fail', 'cancel', 'retry', 'get', 'wait',
-		'_may_control'],
+		'_may_control', 'handle', 'unhandle'],
 	'PUBLIC may execute the application API only');
 
 -- the schema: USAGE, never CREATE
@@ -72,6 +79,9 @@ SELECT table_privs_are('saga', 'sagas', 'public', ARRAY['SELECT']);
 SELECT table_privs_are('saga', 'saga_steps', 'public', ARRAY['SELECT']);
 SELECT table_privs_are('saga', 'stuck', 'public', ARRAY['SELECT']);
 SELECT table_privs_are('saga', 'instances', 'public', ARRAY[]::text[]);
+SELECT table_privs_are('saga', 'inbox', 'public', ARRAY[]::text[]);
+SELECT table_privs_are('saga', 'inbox_messages', 'public', ARRAY[]::text[]);
+SELECT table_privs_are('saga', 'handlers', 'public', ARRAY[]::text[]);
 SELECT is_empty($$
 	SELECT c.oid::regclass::text || '.' || att.attname
 	FROM pg_class c JOIN pg_attribute att ON att.attrelid = c.oid
@@ -105,6 +115,11 @@ SELECT throws_ok($$SELECT * FROM saga.subscriptions$$, '42501', NULL, 'an applic
 SELECT throws_ok($$SELECT * FROM saga.queue$$, '42501', NULL, 'an application cannot read the queue');
 SELECT throws_ok($$SELECT * FROM saga.outbox$$, '42501', NULL, 'an application cannot read saga.outbox');
 SELECT throws_ok($$SELECT * FROM saga.dead_letters$$, '42501', NULL, 'an application cannot read saga.dead_letters');
+SELECT throws_ok($$SELECT saga.receive(gen_random_uuid(), 'privs.order.placed', '{}')$$, '42501',
+	'permission denied for function receive', 'an application cannot receive messages unless granted');
+SELECT throws_ok($$SELECT * FROM saga.inbox$$, '42501', NULL, 'an application cannot read saga.inbox');
+SELECT throws_ok($$INSERT INTO saga.inbox_messages (message_id, topic, payload) VALUES (gen_random_uuid(), 'privs.forged', '{}')$$,
+	'42501', NULL, 'an application cannot insert into the inbox behind receive''s checks');
 SELECT throws_ok($$INSERT INTO saga.queue (message_id, destination, topic, payload, next_attempt_at)
 				   VALUES (gen_random_uuid(), 'privs_hook', 'privs.order.forged', '{}', now())$$, '42501', NULL,
 	'an application cannot insert into the queue behind publish''s checks');

@@ -1,0 +1,294 @@
+/*
+ * inbox.c
+ *		The inbox: saga.receive(), saga.handle(), saga.unhandle(), and the
+ *		worker's side, which runs the handlers of received messages.
+ *
+ * A received message is stored once per id (a duplicate is dropped). The
+ * worker calls every matching handler in one subtransaction of its own
+ * transaction, which also marks the message processed: the handlers'
+ * effects, what they publish, and the record that the message is done
+ * commit together, so each message takes effect exactly once. A failure
+ * rolls back the handlers of that message only, and is retried later.
+ */
+#include "saga.h"
+#include "api.h"
+#include "engine.h"
+#include "outbox.h"
+#include "inbox.h"
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/memutils.h"
+#include "utils/resowner.h"
+#include "utils/timestamp.h"
+#include "utils/uuid.h"
+
+PG_FUNCTION_INFO_V1(saga_receive);
+PG_FUNCTION_INFO_V1(saga_handle);
+PG_FUNCTION_INFO_V1(saga_unhandle);
+
+Datum
+saga_receive(PG_FUNCTION_ARGS)
+{
+	char	   *topic;
+	Jsonb	   *payload;
+	text	   *key;
+	Jsonb	   *headers;
+	SagaOwnerContext oc;
+	Oid			types[6] = {UUIDOID, TEXTOID, JSONBOID, TEXTOID, JSONBOID, TEXTOID};
+	Datum		values[6];
+	char		nulls[6] = "      ";
+	bool		isnull;
+	bool		new;
+
+	saga_require_arg(fcinfo, 0, "message id");
+	/* topic, payload, key and headers are checked as publish checks them */
+	{
+		LOCAL_FCINFO(shifted, 4);
+
+		InitFunctionCallInfoData(*shifted, NULL, 4, InvalidOid, NULL, NULL);
+		for (int i = 0; i < 4; i++)
+			shifted->args[i] = fcinfo->args[i + 1];
+		saga_check_message(shifted, &topic, &payload, &key, &headers);
+	}
+	values[0] = PG_GETARG_DATUM(0);
+	values[1] = CStringGetTextDatum(topic);
+	values[2] = JsonbPGetDatum(payload);
+	values[3] = key ? PointerGetDatum(key) : (Datum) 0;
+	nulls[3] = key ? ' ' : 'n';
+	values[4] = headers ? JsonbPGetDatum(headers) : (Datum) 0;
+	nulls[4] = headers ? ' ' : 'n';
+	values[5] = PG_ARGISNULL(5) ? (Datum) 0 : PG_GETARG_DATUM(5);
+	nulls[5] = PG_ARGISNULL(5) ? 'n' : ' ';
+
+	saga_begin_as_owner(&oc, true);
+	saga_run_sql("SELECT saga._receive($1, $2, $3, $4, $5, $6)", 6, types, values, nulls, false);
+	new = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	saga_end_as_owner(&oc);
+	if (new)
+		saga_wake_at_commit(0);
+	PG_RETURN_BOOL(new);
+}
+
+Datum
+saga_handle(PG_FUNCTION_ARGS)
+{
+	char	   *pattern;
+	size_t		len;
+	Oid			caller = GetUserId();
+	SagaOwnerContext oc;
+	Oid			types[4] = {TEXTOID, TEXTOID, REGPROCEDUREOID, OIDOID};
+	Datum		values[4];
+	char		nulls[4] = "    ";
+
+	saga_require_arg(fcinfo, 0, "topic");
+	saga_require_arg(fcinfo, 1, "handler");
+	pattern = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	saga_check_topic_pattern(pattern);
+	len = strlen(pattern);
+	values[0] = CStringGetTextDatum(pattern);
+	if (pattern[len - 1] == '*')
+		values[1] = CStringGetTextDatum(pnstrdup(pattern, len - 1));
+	else
+		nulls[1] = 'n';
+	values[2] = PG_GETARG_DATUM(1);
+	values[3] = ObjectIdGetDatum(caller);
+
+	saga_begin_as_owner(&oc, true);
+	saga_run_sql("SELECT saga._handle($1, $2, $3, $4)", 4, types, values, nulls, false);
+	saga_end_as_owner(&oc);
+	PG_RETURN_VOID();
+}
+
+Datum
+saga_unhandle(PG_FUNCTION_ARGS)
+{
+	Oid			caller = GetUserId();
+	SagaOwnerContext oc;
+	Oid			types[3] = {TEXTOID, REGPROCEDUREOID, OIDOID};
+	Datum		values[3];
+	bool		isnull;
+	bool		removed;
+
+	saga_require_arg(fcinfo, 0, "topic");
+	saga_require_arg(fcinfo, 1, "handler");
+	values[0] = PG_GETARG_DATUM(0);
+	values[1] = PG_GETARG_DATUM(1);
+	values[2] = ObjectIdGetDatum(caller);
+
+	saga_begin_as_owner(&oc, true);
+	saga_run_sql("SELECT saga._unhandle($1, $2, $3)", 3, types, values, NULL, false);
+	removed = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	saga_end_as_owner(&oc);
+	PG_RETURN_BOOL(removed);
+}
+
+/* ---------- the worker's side ---------- */
+
+/* a claimed message: its envelope and the handlers to call */
+typedef struct InboxMessage
+{
+	pg_uuid_t	id;
+	Jsonb	   *envelope;
+	int			nhandlers;
+	Oid		   *handlers;
+	Oid		   *owners;
+} InboxMessage;
+
+static SPIPlanPtr claim_plan = NULL;
+static SPIPlanPtr done_plan = NULL;
+
+
+/* Row i of the last SPI result (saga._inbox_claim), copied into cxt. */
+static InboxMessage *
+message_from_row(uint64 i, MemoryContext cxt)
+{
+	HeapTuple	tup = SPI_tuptable->vals[i];
+	TupleDesc	desc = SPI_tuptable->tupdesc;
+	MemoryContext old = MemoryContextSwitchTo(cxt);
+	InboxMessage *m = palloc0(sizeof(InboxMessage));
+	bool		isnull;
+	Datum	   *elems;
+	int			n;
+
+	memcpy(m->id.data, DatumGetUUIDP(SPI_getbinval(tup, desc, 1, &isnull))->data, UUID_LEN);
+	m->envelope = DatumGetJsonbPCopy(SPI_getbinval(tup, desc, 2, &isnull));
+	deconstruct_array(DatumGetArrayTypeP(SPI_getbinval(tup, desc, 3, &isnull)),
+					  OIDOID, sizeof(Oid), true, TYPALIGN_INT, &elems, NULL, &n);
+	m->nhandlers = n;
+	m->handlers = palloc(sizeof(Oid) * Max(n, 1));
+	for (int j = 0; j < n; j++)
+		m->handlers[j] = DatumGetObjectId(elems[j]);
+	deconstruct_array(DatumGetArrayTypeP(SPI_getbinval(tup, desc, 4, &isnull)),
+					  OIDOID, sizeof(Oid), true, TYPALIGN_INT, &elems, NULL, &n);
+	m->owners = palloc(sizeof(Oid) * Max(n, 1));
+	for (int j = 0; j < n; j++)
+		m->owners[j] = DatumGetObjectId(elems[j]);
+	MemoryContextSwitchTo(old);
+	return m;
+}
+
+/* Record a message processed (error NULL) or a failed attempt. */
+static void
+record_done(InboxMessage *m, const char *error)
+{
+	Datum		values[2];
+	char		nulls[2] = "  ";
+	int			rc;
+
+	if (done_plan == NULL)
+	{
+		Oid			types[2] = {UUIDOID, TEXTOID};
+
+		done_plan = saga_prepare_kept("SELECT saga._inbox_done($1, $2)", 2, types);
+	}
+	values[0] = UUIDPGetDatum(&m->id);
+	if (error)
+		values[1] = CStringGetTextDatum(error);
+	else
+		nulls[1] = 'n';
+	rc = SPI_execute_plan(done_plan, values, nulls, false, 0);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "saga._inbox_done failed: %s", SPI_result_code_string(rc));
+}
+
+/*
+ * Call the handlers of one message in a subtransaction; the outcome is
+ * recorded afterwards, in the worker's transaction, which holds the row's
+ * lock (recording it in the subtransaction would make the row version need
+ * a MultiXact).
+ */
+static void
+handle_message(InboxMessage *m, MemoryContext cxt)
+{
+	MemoryContext oldcxt = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
+	char	   *error = NULL;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcxt);
+	PG_TRY();
+	{
+		for (int i = 0; i < m->nhandlers; i++)
+		{
+			bool		isnull;
+
+			CHECK_FOR_INTERRUPTS();
+			(void) saga_call_as_owner(m->handlers[i], m->owners[i], m->envelope, 0, false, &isnull);
+		}
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcxt);
+		CurrentResourceOwner = oldowner;
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(cxt);
+		error = psprintf("%s (SQLSTATE %s)", edata->message ? edata->message : "unknown error",
+						 unpack_sql_state(edata->sqlerrcode));
+		FreeErrorData(edata);
+		MemoryContextSwitchTo(oldcxt);
+		CurrentResourceOwner = oldowner;
+		ereport(DEBUG1, (errmsg("saga: handling an inbox message failed: %s", error)));
+	}
+	PG_END_TRY();
+	record_done(m, error);
+}
+
+/*
+ * Handle up to limit due inbox messages. Called in a transaction with SPI
+ * connected; returns how many it claimed.
+ */
+int
+saga_inbox_run(int limit)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	List	   *messages = NIL;
+	ListCell   *lc;
+	Datum		values[1];
+	int			rc;
+
+	if (claim_plan == NULL)
+	{
+		Oid			types[1] = {INT4OID};
+
+		claim_plan = saga_prepare_kept("SELECT * FROM saga._inbox_claim($1)", 1, types);
+	}
+	values[0] = Int32GetDatum(limit);
+	rc = SPI_execute_plan(claim_plan, values, NULL, false, 0);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "saga._inbox_claim failed: %s", SPI_result_code_string(rc));
+	for (uint64 i = 0; i < SPI_processed; i++)
+		messages = lappend(messages, message_from_row(i, cxt));
+
+	/* handlers' effects are seen once committed: never undo them in a crash */
+	if (messages != NIL)
+		ForceSyncCommit();
+	foreach(lc, messages)
+		handle_message(lfirst(lc), cxt);
+	return list_length(messages);
+}
+
+/* When the next inbox message falls due (a retry); 0 if none. */
+TimestampTz
+saga_inbox_next_due(void)
+{
+	bool		isnull;
+	Datum		d;
+	int			rc = SPI_execute("SELECT pg_catalog.min(next_attempt_at) FROM saga.inbox_messages"
+								 " WHERE status = 'pending'", true, 1);
+
+	if (rc != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "could not read when the next inbox message falls due");
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	return isnull ? 0 : DatumGetTimestampTz(d);
+}
