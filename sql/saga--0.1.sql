@@ -33,7 +33,7 @@ COMMENT ON TABLE saga.subscriptions IS 'which topics go to which destination; pa
 -- Backends cache the subscriptions for publish; any change makes them reread.
 CREATE FUNCTION saga.subscriptions_changed()
 RETURNS trigger LANGUAGE c AS 'MODULE_PATHNAME', 'saga_subscriptions_changed';
-COMMENT ON FUNCTION saga.subscriptions_changed() IS 'internal: tells backends to reread saga.subscriptions after commit';
+COMMENT ON FUNCTION saga.subscriptions_changed() IS 'internal: tells backends to reread saga.subscriptions and saga.handlers after commit';
 CREATE TRIGGER subscriptions_changed
     AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON saga.subscriptions
     FOR EACH STATEMENT EXECUTE FUNCTION saga.subscriptions_changed();
@@ -1171,6 +1171,11 @@ CREATE TABLE saga.handlers (
     PRIMARY KEY (pattern, handler)
 );
 COMMENT ON TABLE saga.handlers IS 'inbox handlers by topic pattern (internal; use saga.handle())';
+-- publish routes this database's own messages to its handlers: backends
+-- cache the patterns with the subscriptions, and reread both after a change
+CREATE TRIGGER handlers_changed
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON saga.handlers
+    FOR EACH STATEMENT EXECUTE FUNCTION saga.subscriptions_changed();
 COMMENT ON COLUMN saga.handlers.handler IS 'the function, by OID: a function created later with the same name is not called in its place';
 COMMENT ON COLUMN saga.handlers.prefix IS 'for a pattern "x.*": "x."; for "*": empty; NULL for an exact topic';
 

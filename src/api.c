@@ -878,6 +878,41 @@ saga_check_topic_pattern(const char *pattern)
 	check_topic(pattern, true);
 }
 
+/*
+ * A message published here that this database's own handlers take: it goes
+ * straight into the inbox, in the publishing transaction, without a
+ * network hop (source NULL). values and nulls are publish's parameters: id,
+ * destination (unused), topic, key, payload, headers, deliver_at.
+ */
+static void
+receive_locally(Datum *values, char *nulls)
+{
+	static SPIPlanPtr plan = NULL;
+	Datum		args[6];
+	char		argnulls[6];
+	int			rc;
+
+	if (plan == NULL)
+	{
+		Oid			types[6] = {UUIDOID, TEXTOID, TEXTOID, JSONBOID, JSONBOID, TIMESTAMPTZOID};
+
+		plan = SPI_prepare_cursor("INSERT INTO saga.inbox_messages (message_id, topic, key, payload,"
+								  " headers, next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6)",
+								  6, types, CURSOR_OPT_GENERIC_PLAN);
+		if (plan == NULL)
+			elog(ERROR, "SPI_prepare failed for saga.publish: %s", SPI_result_code_string(SPI_result));
+		SPI_keepplan(plan);
+	}
+	for (int i = 0; i < 6; i++)
+	{
+		args[i] = values[i == 0 ? 0 : i + 1];
+		argnulls[i] = nulls[i == 0 ? 0 : i + 1];
+	}
+	rc = SPI_execute_plan(plan, args, argnulls, false, 0);
+	if (rc != SPI_OK_INSERT)
+		elog(ERROR, "saga.publish: insert into the inbox failed: %s", SPI_result_code_string(rc));
+}
+
 Datum
 saga_publish(PG_FUNCTION_ARGS)
 {
@@ -893,6 +928,7 @@ saga_publish(PG_FUNCTION_ARGS)
 	Oid			queue;
 	Oid			subscriptions;
 	List	   *destinations;
+	bool		to_inbox;
 	ListCell   *lc;
 	Datum		values[7];
 	char		nulls[7] = "       ";
@@ -929,9 +965,13 @@ saga_publish(PG_FUNCTION_ARGS)
 	 * on it until it commits, and a route must not outlive its destination.
 	 */
 	LockRelationOid(queue, RowExclusiveLock);
-	destinations = saga_route(topic, subscriptions, config_changed_pending);
+	destinations = saga_route(topic, subscriptions, config_changed_pending, &to_inbox);
+	if (to_inbox)
+		receive_locally(values, nulls);
 	if (destinations == NIL)
 	{
+		if (to_inbox)
+			saga_wake_at_commit(1);
 		saga_end_as_owner(&oc);
 		PG_RETURN_UUID_P(id);
 	}

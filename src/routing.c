@@ -1,7 +1,8 @@
 /*
  * routing.c
  *		Which destinations a topic goes to: saga.subscriptions, cached in each
- *		backend.
+ *		backend; and whether this database's own inbox handlers want it
+ *		(saga.handlers), cached the same way.
  *
  * publish runs inside every business transaction, so it must cost little
  * more than one row. Reading saga.subscriptions on every call (a join in the
@@ -22,7 +23,7 @@ typedef struct Route
 {
 	char	   *pattern;		/* exact topic, or NULL for a prefix route */
 	char	   *prefix;
-	char	   *destination;
+	char	   *destination;	/* NULL: this database's inbox */
 } Route;
 
 static MemoryContext routes_cxt = NULL;
@@ -45,7 +46,8 @@ load_routes(void)
 	nroutes = 0;
 	routes_valid = false;
 
-	rc = SPI_execute("SELECT pattern, prefix, destination FROM saga.subscriptions", true, 0);
+	rc = SPI_execute("SELECT pattern, prefix, destination FROM saga.subscriptions"
+					 " UNION ALL SELECT DISTINCT pattern, prefix, NULL FROM saga.handlers", true, 0);
 	if (rc != SPI_OK_SELECT)
 		elog(ERROR, "could not read saga.subscriptions: %s", SPI_result_code_string(rc));
 
@@ -61,21 +63,25 @@ load_routes(void)
 			r->prefix = MemoryContextStrdup(routes_cxt, prefix);
 		else
 			r->pattern = MemoryContextStrdup(routes_cxt, SPI_getvalue(tup, desc, 1));
-		r->destination = MemoryContextStrdup(routes_cxt, SPI_getvalue(tup, desc, 3));
+		if (SPI_getvalue(tup, desc, 3) != NULL)
+			r->destination = MemoryContextStrdup(routes_cxt, SPI_getvalue(tup, desc, 3));
 	}
 }
 
 /*
  * The destinations subscribed to topic, each once, as a List of C strings
- * valid until the next call. Runs with SPI connected, as the extension's
+ * valid until the next call; *to_inbox says whether a handler of this
+ * database takes it. Runs with SPI connected, as the extension's
  * owner, after the caller locked saga.queue: a drop_destination that
  * committed before that lock was granted has already moved the version.
  */
 List *
-saga_route(const char *topic, Oid subscriptions_relid, bool changed_in_xact)
+saga_route(const char *topic, Oid subscriptions_relid, bool changed_in_xact, bool *to_inbox)
 {
 	uint64		version = saga_config_version();
 	List	   *result = NIL;
+
+	*to_inbox = false;
 
 	if (!routes_valid || saga_shared == NULL || changed_in_xact ||
 		version != routes_version || subscriptions_relid != routes_relid)
@@ -97,6 +103,11 @@ saga_route(const char *topic, Oid subscriptions_relid, bool changed_in_xact)
 
 		if (!match)
 			continue;
+		if (r->destination == NULL)
+		{
+			*to_inbox = true;
+			continue;
+		}
 		foreach(lc, result)
 		{
 			if (strcmp((char *) lfirst(lc), r->destination) == 0)

@@ -86,7 +86,8 @@ extern void saga_stop_worker_for_database(Oid dboid);
 extern PGDLLEXPORT void saga_worker_main(Datum arg);
 
 /* routing.c */
-extern List *saga_route(const char *topic, Oid subscriptions_relid, bool changed_in_xact);
+extern List *saga_route(const char *topic, Oid subscriptions_relid, bool changed_in_xact,
+						bool *to_inbox);
 
 /* uuid7.c */
 extern void saga_uuid7(unsigned char *out);
