@@ -169,6 +169,12 @@ saga_call_as_owner(Oid fn, Oid owner, Jsonb *arg, int timeout_ms,
 	int			guc_level;
 	char	   *fname;
 
+	/* a role dropped since it registered the call: never run it as PUBLIC */
+	if (!SearchSysCacheExists1(AUTHOID, ObjectIdGetDatum(owner)))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("role with OID %u, which the call would run as, does not exist", owner),
+				 errhint("The role was dropped after it started the saga or registered the handler.")));
 	if (!SearchSysCacheExists1(PROCOID, ObjectIdGetDatum(fn)))
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_FUNCTION),

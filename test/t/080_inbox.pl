@@ -452,5 +452,18 @@ like(sql(qq{SELECT last_error FROM saga.inbox WHERE message_id = '$swapped'}), q
 is(sql(qq{SELECT count(*) FROM app.effects WHERE message_id = '$swapped'}), '0',
 	'the function created later under the same name was not called');
 
+# ---- a handler whose role was dropped does not run (as PUBLIC or anyone)
+sql(q{CREATE ROLE inbox_gone LOGIN;
+      GRANT USAGE ON SCHEMA app TO inbox_gone;
+      GRANT INSERT ON app.who TO PUBLIC;});
+sql_as('inbox_gone', q{SELECT saga.handle('gone.x', 'app.whoami(jsonb)')});
+sql(q{REVOKE USAGE ON SCHEMA app FROM inbox_gone; DROP ROLE inbox_gone;});
+my $orphan = receive_new('gone.x');
+wait_until(qq{SELECT attempts >= 1 FROM saga.inbox WHERE message_id = '$orphan'},
+	'a message for the handler of a dropped role is attempted');
+like(sql(qq{SELECT last_error FROM saga.inbox WHERE message_id = '$orphan'}), qr/role with OID \d+.*does not exist.*42704/,
+	'it fails: the role the handler would run as is gone');
+is(sql(qq{SELECT count(*) FROM app.who WHERE message_id = '$orphan'}), '0', 'the handler did not run');
+
 $node->stop;
 done_testing();
