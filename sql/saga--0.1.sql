@@ -690,7 +690,10 @@ BEGIN
     INTO timeline
     FROM (SELECT s.started_at AS at, 0 AS ord, 'started' AS event, NULL::text AS step
           UNION ALL
-          SELECT x.finished_at, 1 + x.position, CASE x.status WHEN 'failed' THEN 'step failed' WHEN 'unknown' THEN 'step outcome unknown' ELSE 'step done' END, x.step
+          SELECT x.finished_at, 1 + x.position, CASE WHEN x.status = 'failed' THEN 'step failed'
+                      -- an unknown outcome stays unknown once compensated
+                      WHEN x.status = 'unknown' OR (x.result IS NULL AND x.error IS NOT NULL)
+                      THEN 'step outcome unknown' ELSE 'step done' END, x.step
           FROM saga.instance_steps x WHERE x.saga_id = id AND x.finished_at IS NOT NULL
           UNION ALL
           SELECT x.compensated_at, 100000 - x.position, 'step compensated', x.step

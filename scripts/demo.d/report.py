@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
 """The demo's report: what happened to each message, told from what the
 receivers saw (the HTTP receiver's JSON log, the LISTEN client's output) and
-what the database says (saga.dead_letters, saga.outbox, saga.metrics()).
+what the database says (saga.dead_letters, saga.outbox, saga.metrics()); then
+each saga's timeline, from saga.get() and the HTTP requests its steps made; then
+the chain of events the inbox handlers ran (saga.inbox and shop.effects).
 
 It also checks the story's promises and exits 1 if one was broken.
 
-    report.py story     REQUESTS NOTIFICATIONS T0
-    report.py redeliver REQUESTS MESSAGE_ID DESTINATION EXPECT(dead|delivered) AFTER
+    report.py story        REQUESTS NOTIFICATIONS T0
+    report.py redeliver    REQUESTS MESSAGE_ID DESTINATION EXPECT(dead|delivered) AFTER
+    report.py sagas        REQUESTS
+    report.py choreography T0
 
 psql reaches the demo's cluster through PGHOST, PGPORT, PGUSER and PGDATABASE.
 """
@@ -325,6 +329,247 @@ def redeliver(requests_path, message_id, dname, expect, after):
     return 0 if not failures else 1
 
 
+# ---------------------------------------------------------------- the sagas
+
+STOCK = {"A-100": 5, "B-200": 4}    # what scripts/demo puts in shop.stock
+
+# The orchestrated orders: order -> (saga, final saga status, effects in shop.effects)
+SAGAS = {
+    1: ("place_order", "completed", ["accept", "reserve", "confirm"]),
+    2: ("place_order", "compensated", ["accept", "cancel"]),
+    3: ("place_order_slow_delivery", "compensated", ["accept", "reserve", "release", "cancel"]),
+}
+FLAKY_PATH, HANG_PATH, CANCEL_PATH = "/flaky/1/deliveries", "/hang/deliveries", "/ok/deliveries/cancel"
+
+# The choreography: order -> (qty, topics of its chain, effects, order status, delivery status)
+CHAIN_OK = ["order.placed", "product.reserved", "delivery.scheduled"]
+CHAIN_CANCEL = ["order.placed", "product.out_of_stock", "order.cancelled"]
+CHOREOGRAPHY = {
+    11: (3, CHAIN_OK, ["reserve", "schedule delivery", "confirm"], "confirmed", "scheduled"),
+    12: (2, CHAIN_CANCEL, ["out of stock", "cancel", "cancel delivery"], "cancelled", "cancelled"),
+    13: (1, CHAIN_OK, ["reserve", "schedule delivery", "confirm"], "confirmed", "scheduled"),
+}
+HANDLERS = {    # the service whose handler takes each topic
+    "order.placed": "products", "product.reserved": "delivery", "delivery.scheduled": "orders",
+    "product.out_of_stock": "orders", "order.cancelled": "delivery",
+}
+
+
+def ts(text):
+    return datetime.fromisoformat(text).timestamp()
+
+
+def short(value, width=70):
+    text = json.dumps(value, separators=(", ", ": ")) if not isinstance(value, str) else value
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def describe_call(call):
+    """A step's action or compensation, as the definition has it."""
+    if call is None:
+        return "nothing (no compensation)"
+    if isinstance(call, dict) and "destination" in call:
+        return "POST %s at %s" % (call.get("path", ""), call["destination"])
+    if isinstance(call, dict):
+        return call.get("function", json.dumps(call))
+    return str(call)
+
+
+def stock_checks(orders, skus):
+    for sku in skus:
+        qty = psql_json("SELECT qty FROM shop.stock WHERE sku = '%s'" % sku)[0]["qty"]
+        taken = sum(o["qty"] for o in orders if o["sku"] == sku and o["status"] == "confirmed")
+        check(qty >= 0 and qty == STOCK[sku] - taken,
+              "stock of %s is %d: the %d in stock less the %d the confirmed orders took, never negative"
+              % (sku, qty, STOCK[sku], taken),
+              "expected %d" % (STOCK[sku] - taken))
+
+
+def sagas(requests_path):
+    reqs = [r for r in read_requests(requests_path) if r["id"] and ":" in r["id"]]
+    rows = psql_json("""
+        SELECT (s.input->>'order')::int AS "order", s.id, s.name, s.version, s.status,
+               saga.get(s.id) AS get, d.steps AS definition
+        FROM saga.sagas s JOIN saga.definitions d ON d.name = s.name AND d.version = s.version
+        ORDER BY s.started_at""")
+    orders = psql_json("SELECT id, sku, qty, status, delivery FROM shop.orders WHERE id < 10 ORDER BY id")
+    effects = psql_json("SELECT order_id, effect, ref, at FROM shop.effects WHERE order_id < 10 ORDER BY at")
+    order_by_id = {o["id"]: o for o in orders}
+    t_first = min(ts(s["get"]["started_at"]) for s in rows) if rows else 0
+
+    for s in rows:
+        g, sid = s["get"], s["id"]
+        o = order_by_id.get(s["order"], {})
+        steps = {x["step"]: x for x in g.get("steps", [])}
+        calls = {st["name"]: st for st in s["definition"]}
+        t0 = ts(g["started_at"])
+        print()
+        print("%sOrder %s (%s × %s) — %s v%s: %s%s" % (BOLD, s["order"], o.get("qty"), o.get("sku"),
+                                                       s["name"], s["version"], g["status"], RESET))
+        print("  %ssaga %s, started %+.3fs after the first saga%s" % (DIM, sid, t0 - t_first, RESET))
+        events = []
+        for e in g.get("timeline", []):
+            ev, name = e["event"], e.get("step")
+            x = steps.get(name, {})
+            n = x.get("attempts", 0)
+            if ev == "started":
+                text = "saga started, input %s" % short(g.get("input"))
+            elif ev == "step done" and x.get("result") is None and x.get("error") \
+                    and x.get("status") in ("compensated", "compensation_failed"):
+                # no answer, and compensated all the same: the outcome was unknown
+                text = "%-8s outcome UNKNOWN (%s): %s" % (name, plural(n, "attempt"), x.get("error"))
+            elif ev == "step done":
+                text = "%-8s done (%s) → %s" % (name, plural(n, "attempt"), short(x.get("result")))
+            elif ev == "step failed":
+                text = "%-8s FAILED (%s): %s" % (name, plural(n, "attempt"), x.get("error"))
+            elif ev == "step outcome unknown":
+                text = "%-8s outcome UNKNOWN (%s): %s" % (name, plural(n, "attempt"), x.get("error"))
+            elif ev == "step compensated":
+                comp = calls.get(name, {}).get("compensation")
+                text = "%-8s compensated by %s (%s) → %s" % (
+                    name, describe_call(comp), plural(x.get("compensation_attempts", 0) or 0, "attempt"),
+                    short(x.get("compensation_result")))
+            else:
+                text = "saga %s%s" % (ev, (": " + g["error"]) if g.get("error") else "")
+            events.append((ts(e["at"]), 1, text))
+        for r in reqs:
+            if not r["id"].startswith(sid + ":"):
+                continue
+            what = r["id"][len(sid) + 1:]
+            answer = "HTTP %d" % r["status"] if r["status"] else "no answer (hangs)"
+            events.append((r["time"], 0, "%-8s → POST %s  Idempotency-Key: %s  ← %s" % (
+                "", r["path"], r["id"], answer)))
+        for t, _, text in sorted(events, key=lambda e: (e[0], e[1])):
+            print("  %s%+8.3fs%s  %s" % (DIM, t - t0, RESET, text))
+
+    # --- the promises
+    print()
+    print("%sChecks:%s" % (BOLD, RESET))
+    by_order = {s["order"]: s for s in rows}
+
+    def reqs_of(sid, suffix, path=None):
+        return [r for r in reqs if r["id"] == sid + suffix and (path is None or r["path"] == path)]
+
+    for order, (name, want, want_effects) in sorted(SAGAS.items()):
+        s = by_order.get(order)
+        if not s:
+            check(False, "order %d has a saga" % order)
+            continue
+        sid, g = s["id"], s["get"]
+        steps = {x["step"]: x for x in g.get("steps", [])}
+        got_effects = [e["effect"] for e in effects if e["order_id"] == order]
+        check(s["name"] == name and g["status"] == want and got_effects == want_effects,
+              "order %d: saga %s is %s; its effects: %s" % (order, name, g["status"], ", ".join(got_effects)),
+              "expected %s %s with effects %s" % (name, want, want_effects))
+    dup = {}
+    for e in effects:
+        dup.setdefault((e["ref"], e["effect"]), []).append(e)
+    twice = [k for k, v in dup.items() if len(v) > 1]
+    check(effects and not twice, "no step or compensation took effect twice (%s recorded)" % plural(len(effects), "effect"),
+          "twice: %s" % twice)
+
+    # order 1: delivery retried once, same key, one 2xx, confirm used the answer
+    s1 = by_order.get(1)
+    if s1:
+        sid = s1["id"]
+        deliver = reqs_of(sid, ":deliver")
+        step = {x["step"]: x for x in s1["get"].get("steps", [])}.get("deliver", {})
+        check([r["status"] for r in deliver] == [500, 200] and all(r["path"] == FLAKY_PATH for r in deliver)
+              and step.get("attempts") == 2,
+              "order 1: the delivery got HTTP 500, then 200 on the retry, both with Idempotency-Key %s:deliver"
+              % sid, "requests: %s; step attempts %s" % (
+                  [(r["path"], r["id"], r["status"]) for r in deliver], step.get("attempts")))
+        delivery = (order_by_id.get(1) or {}).get("delivery") or {}
+        check(delivery.get("key") == sid + ":deliver" and order_by_id[1]["status"] == "confirmed",
+              "order 1: confirm kept the delivery service's answer on the order: %s" % short(delivery),
+              "orders row: %s" % order_by_id.get(1))
+        check(not reqs_of(sid, ":deliver:compensation"), "order 1: nothing was compensated")
+    # order 2: nothing else changed
+    s2 = by_order.get(2)
+    if s2:
+        sent = [r for r in reqs if r["id"].startswith(s2["id"] + ":")]
+        step = {x["step"]: x for x in s2["get"].get("steps", [])}
+        check(step.get("reserve", {}).get("status") == "failed" and "deliver" not in step and not sent
+              and order_by_id.get(2, {}).get("status") == "cancelled",
+              "order 2: the reservation failed, the order was cancelled, the delivery service heard nothing",
+              "steps %s; requests %s; order %s" % (
+                  {k: v.get("status") for k, v in step.items()}, [r["path"] for r in sent], order_by_id.get(2)))
+    # order 3: two attempts with one key, unknown, compensated once, after the last attempt
+    s3 = by_order.get(3)
+    if s3:
+        sid = s3["id"]
+        attempts = reqs_of(sid, ":deliver")
+        comps = reqs_of(sid, ":deliver:compensation")
+        step = {x["step"]: x for x in s3["get"].get("steps", [])}.get("deliver", {})
+        check(len(attempts) == 2 and all(r["path"] == HANG_PATH and r["status"] == 0 for r in attempts)
+              and step.get("attempts") == 2,
+              "order 3: the delivery was tried twice with Idempotency-Key %s:deliver, and never answered" % sid,
+              "requests: %s; step attempts %s" % ([(r["path"], r["id"], r["status"]) for r in attempts],
+                                                  step.get("attempts")))
+        check(len(comps) == 1 and comps[0]["path"] == CANCEL_PATH and comps[0]["status"] == 200
+              and attempts and comps[0]["time"] > attempts[-1]["time"] and step.get("status") == "compensated",
+              "order 3: its unknown outcome was compensated: one POST %s with Idempotency-Key "
+              "%s:deliver:compensation, after the last attempt" % (CANCEL_PATH, sid),
+              "compensation requests: %s; deliver step status %s" % (
+                  [(r["path"], r["id"], r["status"]) for r in comps], step.get("status")))
+    keys = {}
+    for r in reqs:
+        keys.setdefault((r["id"], r["path"]), []).append(r)
+    twice = [k for k, v in keys.items() if sum(1 for r in v if 200 <= r["status"] < 300) > 1]
+    check(not twice, "the delivery service answered 2xx at most once per Idempotency-Key", "twice: %s" % twice)
+    stock_checks(orders, ["A-100"])
+    return 0 if not failures else 1
+
+
+def choreography(t0):
+    t0 = float(t0)
+    inbox = psql_json("""
+        SELECT message_id, topic, key, status, attempts, last_error,
+               extract(epoch FROM received_at) AS received, extract(epoch FROM processed_at) AS processed
+        FROM saga.inbox ORDER BY key, message_id""")
+    effects = psql_json("SELECT order_id, effect, ref FROM shop.effects WHERE order_id > 10 ORDER BY at")
+    orders = psql_json("""SELECT o.id, o.sku, o.qty, o.status, d.status AS delivery
+                          FROM shop.orders o LEFT JOIN shop.deliveries d ON d.order_id = o.id
+                          WHERE o.id > 10 ORDER BY o.id""")
+    by_ref = {}
+    for e in effects:
+        by_ref.setdefault(e["ref"], []).append(e)
+
+    print("%sThe chain of each order%s (when each message was handled, since the first commit):" % (BOLD, RESET))
+    for o in orders:
+        print("  %sorder %d (%d × %s): %s%s" % (BOLD, o["id"], o["qty"], o["sku"], o["status"], RESET))
+        for m in inbox:
+            if m["key"] != "order-%d" % o["id"]:
+                continue
+            done = by_ref.get(m["message_id"], [])
+            did = ", ".join(e["effect"] for e in done) or "nothing"
+            when = "+%.3fs" % (m["processed"] - t0) if m["processed"] else "pending"
+            print("    %s%8s%s  %-20s → %-10s %s" % (DIM, when, RESET, m["topic"],
+                                                  HANDLERS.get(m["topic"], "?") + ":", did))
+    print()
+    print("%sChecks:%s" % (BOLD, RESET))
+    pending = [m for m in inbox if m["status"] != "processed" or m["attempts"] != 1]
+    check(inbox and not pending, "every message of the chains was processed, at the first attempt (%s)"
+          % plural(len(inbox), "message"), json.dumps(pending, indent=1))
+    twice = {k: [e["effect"] for e in v] for k, v in by_ref.items() if len(v) != 1}
+    unhandled = [m["message_id"] for m in inbox if m["message_id"] not in by_ref]
+    check(not twice and not unhandled,
+          "each message was handled exactly once: one effect per message, none twice",
+          "messages with several effects: %s; without: %s" % (twice, unhandled))
+    by_id = {o["id"]: o for o in orders}
+    for oid, (qty, chain, want_effects, status, delivery) in sorted(CHOREOGRAPHY.items()):
+        o = by_id.get(oid, {})
+        topics = [m["topic"] for m in inbox if m["key"] == "order-%d" % oid]
+        got = [e["effect"] for e in effects if e["order_id"] == oid]
+        check(topics == chain and got == want_effects and o.get("status") == status and o.get("delivery") == delivery,
+              "order %d: %s; order %s, delivery %s" % (oid, " → ".join(topics), o.get("status"), o.get("delivery")),
+              "expected %s with effects %s, order %s, delivery %s; effects were %s"
+              % (" → ".join(chain), want_effects, status, delivery, got))
+    stock_checks(orders, ["B-200"])
+    return 0 if not failures else 1
+
+
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
-    sys.exit(story(*args) if cmd == "story" else redeliver(*args))
+    sys.exit({"story": story, "redeliver": redeliver, "sagas": sagas,
+              "choreography": choreography}[cmd](*args))

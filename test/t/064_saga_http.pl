@@ -143,6 +143,8 @@ is(sql("SELECT status FROM saga.saga_steps WHERE saga_id = '$hung' AND step = 'c
 my @refund = grep { request_header($_, 'Idempotency-Key') eq "$hung:charge:compensation" } requests_to('/echo/refund');
 is(scalar @refund, 1, 'its compensation was called once, with key <saga id>:<step>:compensation');
 is(ledger($hung), 'reserve,release', 'then the reservation was released (newest first)');
+is(sql("SELECT string_agg(e ->> 'event', ',') FROM jsonb_array_elements(saga.get('$hung') -> 'timeline') e WHERE e ->> 'step' = 'charge'"),
+	'step outcome unknown,step compensated', 'saga.get: the timeline says the outcome was unknown, then compensated');
 ok($refund[0]{time} > $hung[1]{time}, 'the refund came after the last attempt');
 
 # --- a hang, then the service recovers
