@@ -445,13 +445,6 @@ saga_engine_run(int limit, int *http_calls)
 TimestampTz
 saga_engine_next_due(void)
 {
-	bool		isnull;
-	Datum		d;
-	int			rc = SPI_execute("SELECT pg_catalog.min(next_run_at) FROM saga.instances WHERE next_run_at IS NOT NULL",
-								 true, 1);
-
-	if (rc != SPI_OK_SELECT || SPI_processed != 1)
-		elog(ERROR, "could not read when the next saga falls due");
-	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
-	return isnull ? 0 : DatumGetTimestampTz(d);
+	return saga_query_timestamp("SELECT pg_catalog.min(next_run_at) FROM saga.instances WHERE next_run_at IS NOT NULL",
+								"when the next saga falls due");
 }

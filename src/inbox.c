@@ -24,7 +24,6 @@
 #include "utils/builtins.h"
 #include "utils/memutils.h"
 #include "utils/resowner.h"
-#include "utils/timestamp.h"
 #include "utils/uuid.h"
 
 PG_FUNCTION_INFO_V1(saga_receive);
@@ -282,13 +281,7 @@ saga_inbox_run(int limit)
 TimestampTz
 saga_inbox_next_due(void)
 {
-	bool		isnull;
-	Datum		d;
-	int			rc = SPI_execute("SELECT pg_catalog.min(next_attempt_at) FROM saga.inbox_messages"
-								 " WHERE status = 'pending'", true, 1);
-
-	if (rc != SPI_OK_SELECT || SPI_processed != 1)
-		elog(ERROR, "could not read when the next inbox message falls due");
-	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
-	return isnull ? 0 : DatumGetTimestampTz(d);
+	return saga_query_timestamp("SELECT pg_catalog.min(next_attempt_at) FROM saga.inbox_messages"
+								" WHERE status = 'pending'",
+								"when the next inbox message falls due");
 }

@@ -55,6 +55,20 @@ saga_prepare_kept(const char *sql, int nargs, Oid *argtypes)
 	return prepare_kept_with(sql, nargs, argtypes, 0);
 }
 
+/* The timestamp a one-row, one-column read-only query returns; 0 for NULL. */
+TimestampTz
+saga_query_timestamp(const char *sql, const char *what)
+{
+	bool		isnull;
+	Datum		d;
+	int			rc = SPI_execute(sql, true, 1);
+
+	if (rc != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "saga: could not read %s: %s", what, SPI_result_code_string(rc));
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	return isnull ? 0 : DatumGetTimestampTz(d);
+}
+
 bool
 saga_outbox_extension_present(void)
 {

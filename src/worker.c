@@ -204,6 +204,15 @@ current_destinations(uint64 version, bool reread)
 	return destinations;
 }
 
+/* The earlier of two due times, where 0 means none. */
+static TimestampTz
+earliest(TimestampTz a, TimestampTz b)
+{
+	if (a == 0)
+		return b;
+	return (b != 0 && b < a) ? b : a;
+}
+
 /*
  * One cycle: record finished HTTP requests, claim more for every HTTP
  * destination with room, then drain due NOTIFY messages. Returns true when
@@ -218,7 +227,6 @@ run_cycle(SagaHttp *http, bool sweep_retained, bool reread, TimestampTz *next_du
 	List	   *dests;
 	SagaRecordCounts counts;
 	ListCell   *lc;
-	TimestampTz due;
 	bool		more = false;
 
 	foreach(lc, finished)
@@ -248,18 +256,12 @@ run_cycle(SagaHttp *http, bool sweep_retained, bool reread, TimestampTz *next_du
 			if (room <= 0 || saga_outbox_claim_http(http, dest, want) == want)
 				continue;
 		}
-		due = saga_outbox_next_due(dest);
-		if (due != 0 && (*next_due == 0 || due < *next_due))
-			*next_due = due;
+		*next_due = earliest(*next_due, saga_outbox_next_due(dest));
 	}
 	if (sweep_retained)
 		saga_outbox_expire_retained();
-	due = saga_engine_next_due();
-	if (due != 0 && (*next_due == 0 || due < *next_due))
-		*next_due = due;
-	due = saga_inbox_next_due();
-	if (due != 0 && (*next_due == 0 || due < *next_due))
-		*next_due = due;
+	*next_due = earliest(*next_due, saga_engine_next_due());
+	*next_due = earliest(*next_due, saga_inbox_next_due());
 	end_work();
 
 	/* committed: the outcomes are durable, the claims are ours */
