@@ -10,6 +10,7 @@ OBJS = \
 	src/worker.o \
 	src/outbox.o \
 	src/transport_http.o \
+	src/transport_pg.o \
 	src/api.o \
 	src/api_saga.o \
 	src/engine.o \
@@ -21,8 +22,9 @@ OBJS = \
 
 DATA = $(wildcard sql/saga--*.sql)
 
-PG_CPPFLAGS = -I$(srcdir)/src
+PG_CPPFLAGS = -I$(srcdir)/src -I$(libpq_srcdir)
 SHLIB_LINK = -lcurl
+SHLIB_LINK_INTERNAL = $(libpq)
 
 REGRESS = setup destinations subscriptions publish dead_letters monitoring sagas invoke maintenance inbox
 REGRESS_OPTS = --temp-config=$(srcdir)/test/saga.conf --temp-instance=tmp_check_regress --load-extension=saga

@@ -65,9 +65,16 @@ SELECT try($$SELECT saga.create_destination('dst_x', E'http://example.com/\r\nX-
 SELECT try($$SELECT saga.create_destination('dst_x', '::not a url::')$$);
 SELECT try($$SELECT saga.create_destination('dst_x', 'http//example.com')$$);
 
--- libpq destinations come later
-SELECT try($$SELECT saga.create_destination('dst_x', 'postgresql://localhost/orders')$$);
-SELECT try($$SELECT saga.create_destination('dst_x', 'postgres://u@db.internal:5432/orders')$$);
+-- other databases: libpq parses the URL; a bad one is refused without
+-- repeating it (it may hold a password); headers make no sense there
+SELECT try($$SELECT saga.create_destination('dst_x', 'postgresql://u:secret@db.internal:5432/orders?sslmod=require')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'postgres://u:secret@[::1/orders')$$);
+SELECT try($$SELECT saga.create_destination('dst_x', 'postgresql://localhost/orders', '{"headers": {"A": "b"}}')$$);
+SELECT saga.create_destination('dst_pg', 'postgresql://svc@db.internal:5432/orders?sslmode=verify-full');
+SELECT saga.create_destination('dst_pg2', 'postgres:///orders?host=/var/run/postgresql', '{"concurrency": 2}');
+SELECT name, kind, concurrency FROM saga.destinations WHERE name LIKE 'dst_pg%' ORDER BY name;
+SELECT saga.drop_destination('dst_pg');
+SELECT saga.drop_destination('dst_pg2');
 
 -- NOTIFY channels: empty, too long; headers make no sense there
 SELECT try($$SELECT saga.create_destination('dst_x', 'notify:')$$);

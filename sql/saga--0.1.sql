@@ -9,7 +9,7 @@ COMMENT ON SCHEMA saga IS 'sagas and a transactional outbox';
 -- worker never connects anywhere that is not in this table.
 CREATE TABLE saga.destinations (
     name text PRIMARY KEY,
-    kind text NOT NULL CHECK (kind IN ('notify', 'http')),
+    kind text NOT NULL CHECK (kind IN ('notify', 'http', 'postgresql')),
     target text NOT NULL,
     headers jsonb NOT NULL DEFAULT '{}',
     timeout interval NOT NULL,
@@ -19,7 +19,7 @@ CREATE TABLE saga.destinations (
     concurrency integer NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now()
 );
-COMMENT ON TABLE saga.destinations IS 'where the worker may deliver: NOTIFY channels and HTTP endpoints (headers may hold secrets)';
+COMMENT ON TABLE saga.destinations IS 'where the worker may deliver: NOTIFY channels, HTTP endpoints and other databases (headers and conninfo may hold secrets)';
 
 CREATE TABLE saga.subscriptions (
     pattern text NOT NULL,
@@ -69,7 +69,7 @@ CREATE INDEX queue_due ON saga.queue (destination, next_attempt_at, seq) WHERE s
 CREATE INDEX queue_pending_key ON saga.queue (destination, key, seq) WHERE status = 'pending' AND key IS NOT NULL;
 CREATE INDEX queue_retained ON saga.queue (finished_at) WHERE status = 'delivered';
 COMMENT ON TABLE saga.queue IS 'messages not yet delivered, one row per destination (internal; read saga.outbox and saga.dead_letters)';
-COMMENT ON COLUMN saga.queue.saga_call IS 'for the HTTP call of a saga step: which saga, step and attempt it answers (NULL for messages)';
+COMMENT ON COLUMN saga.queue.saga_call IS 'for the call of a saga step: which saga, step and attempt it answers (NULL for messages)';
 
 -- pg_dump keeps what users declared and what is still to be delivered
 SELECT pg_catalog.pg_extension_config_dump('saga.destinations', '');
@@ -218,8 +218,9 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
 $$;
 
 -- A step's action or compensation as written by the user, resolved.
--- Returns {"kind": "function", "function": "schema.f(jsonb)"} or
--- {"kind": "http", "destination": d, "path": p}.
+-- Returns {"kind": "function", "function": "schema.f(jsonb)"},
+-- {"kind": "http", "destination": d, "path": p} or
+-- {"kind": "remote", "destination": d, "function": "schema.f"}.
 CREATE FUNCTION saga._resolve_call(step text, field text, spec jsonb, caller oid, caller_path text)
 RETURNS jsonb LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_variable
@@ -259,14 +260,29 @@ BEGIN
                     USING ERRCODE = 'undefined_object',
                           HINT = 'Create it with saga.create_destination().';
             END IF;
+            IF dest_kind = 'postgresql' THEN
+                IF spec ? 'path' THEN
+                    RAISE EXCEPTION 'step "%": % has a "path", but destination "%" is a database', step, field, dest
+                        USING ERRCODE = 'invalid_parameter_value',
+                              HINT = 'A call into another database names a function: {"destination": "name", "function": "schema.f"}.';
+                END IF;
+                fname := spec ->> 'function';
+                IF jsonb_typeof(spec -> 'function') IS DISTINCT FROM 'string'
+                   OR fname !~ '^[[:alpha:]_][[:alnum:]_$]*(\.[[:alpha:]_][[:alnum:]_$]*)?$' THEN
+                    RAISE EXCEPTION 'step "%": % needs a "function" such as "schema.f" to call in destination "%"', step, field, dest
+                        USING ERRCODE = 'invalid_parameter_value',
+                              DETAIL = 'The function runs in the other database through saga.invoke() or saga.compensate(); it takes the saga context (jsonb) and returns jsonb.';
+                END IF;
+                RETURN jsonb_build_object('kind', 'remote', 'destination', dest, 'function', fname);
+            END IF;
             IF dest_kind <> 'http' THEN
-                RAISE EXCEPTION 'step "%": % names destination "%", which is not an HTTP destination', step, field, dest
+                RAISE EXCEPTION 'step "%": % names destination "%", which is not an HTTP or postgresql destination', step, field, dest
                     USING ERRCODE = 'invalid_parameter_value';
             END IF;
             IF spec ? 'function' THEN
                 RAISE EXCEPTION 'step "%": % has both "destination" and "function"', step, field
                     USING ERRCODE = 'invalid_parameter_value',
-                          HINT = 'Remote functions through postgresql:// destinations are not supported yet.';
+                          HINT = 'Destination "' || dest || '" is an HTTP destination: give a "path".';
             END IF;
             path := coalesce(spec ->> 'path', '');
             IF path <> '' AND left(path, 1) <> '/' OR path ~ '[[:cntrl:][:space:]]' THEN
@@ -551,6 +567,11 @@ BEGIN
                   DETAIL = 'Allowed fields: function, args, destination, path, body.';
     END IF;
     resolved := saga._resolve_call(step, 'compensation', c - 'args' - 'body', caller, caller_path);
+    IF c ? 'body' AND resolved ->> 'kind' <> 'http' THEN
+        RAISE EXCEPTION 'step "%": a compensation "body" belongs to an HTTP call', step
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Give a function''s arguments as "args".';
+    END IF;
     IF c ? 'args' THEN
         resolved := resolved || jsonb_build_object('args', c -> 'args');
     END IF;
@@ -907,9 +928,9 @@ BEGIN
         END IF;
         -- A step that never succeeded has nothing to compensate: local steps
         -- roll back with their subtransaction, and a refusal (4xx) did
-        -- nothing. An HTTP call that never got an answer may have taken
-        -- effect: its outcome is unknown and it keeps its compensation.
-        unknown := transient AND call ->> 'kind' = 'http';
+        -- nothing. A call to a destination that never got an answer may have
+        -- taken effect: its outcome is unknown and it keeps its compensation.
+        unknown := transient AND call ->> 'kind' IN ('http', 'remote');
         INSERT INTO saga.instance_steps AS x (saga_id, position, step, status, attempts, error, finished_at)
         VALUES (id, pos, step, CASE WHEN unknown THEN 'unknown' ELSE 'failed' END, n, error, clock_timestamp())
         ON CONFLICT ON CONSTRAINT instance_steps_pkey DO UPDATE
@@ -944,11 +965,13 @@ BEGIN
 END
 $$;
 
--- Send a call to an HTTP destination: queue it (saga.queue, with the
--- saga's coordinates in saga_call) and let the saga wait for the outcome.
--- The delivery path sends it and calls saga._received. An action in flight
--- is marked running with its compensation: if the saga is cancelled or
--- passes its deadline meanwhile, the call may still take effect.
+-- Send a call to a destination (HTTP, or a function in another database):
+-- queue it (saga.queue, with the saga's coordinates in saga_call) and let
+-- the saga wait for the outcome. The delivery path sends it and calls
+-- saga._received. An action in flight is marked running with its
+-- compensation: if the saga is cancelled or passes its deadline meanwhile,
+-- the call may still take effect. A compensation in another database goes
+-- to saga.compensate with the key of the action it undoes.
 CREATE FUNCTION saga._send(id uuid, phase text, pos integer, step text, n integer, call jsonb,
     ctx jsonb, request uuid) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -957,11 +980,14 @@ DECLARE
     s saga.instances;
     dest text := call ->> 'destination';
     comp jsonb;
+    remote boolean := call ->> 'kind' = 'remote';
     suffix text := CASE WHEN phase = 'compensation' THEN ':compensation' ELSE '' END;
 BEGIN
-    IF NOT EXISTS (SELECT FROM saga.destinations d WHERE d.name = dest AND d.kind = 'http') THEN
+    IF NOT EXISTS (SELECT FROM saga.destinations d WHERE d.name = dest
+                   AND d.kind = CASE WHEN remote THEN 'postgresql' ELSE 'http' END) THEN
         PERFORM saga._failed(id, phase, pos, step, n, call, false,
-                             format('HTTP destination "%s" does not exist', dest));
+                             format('%s destination "%s" does not exist',
+                                    CASE WHEN remote THEN 'postgresql' ELSE 'HTTP' END, dest));
         RETURN;
     END IF;
     SELECT * INTO s FROM saga.instances i WHERE i.id = _send.id;
@@ -972,7 +998,7 @@ BEGIN
             jsonb_build_object('saga_id', id, 'phase', phase, 'position', pos, 'step', step,
                                'attempt', n, 'call', call, 'path', coalesce(call ->> 'path', ''),
                                'timeout_ms', call -> 'timeout_ms',
-                               'key', id::text || ':' || step || suffix));
+                               'key', id::text || ':' || step || CASE WHEN remote THEN '' ELSE suffix END));
     IF phase = 'action' THEN
         SELECT (d.steps -> pos) -> 'compensation' INTO comp
         FROM saga.definitions d WHERE d.name = s.name AND d.version = s.version;
@@ -993,8 +1019,8 @@ BEGIN
 END
 $$;
 
--- The outcome of an HTTP call of a saga (outcome 0: 2xx, 1: worth another
--- attempt, 2: refused). The queue row must still be the claimed attempt
+-- The outcome of a saga's call to a destination (outcome 0: success, 1:
+-- worth another attempt, 2: refused). The queue row must still be the claimed attempt
 -- (the same fence as for messages); an answer the saga no longer waits for
 -- is dropped.
 CREATE FUNCTION saga._received(tid tid, request uuid, claim integer, outcome integer, body text, error text)
@@ -1055,8 +1081,8 @@ COMMENT ON FUNCTION saga._next(saga.instances) IS 'internal (worker): settle a s
 COMMENT ON FUNCTION saga._claim(integer) IS 'internal (worker): lock due sagas and return their next calls';
 COMMENT ON FUNCTION saga._succeeded(uuid, text, integer, text, integer, jsonb) IS 'internal (worker): record a call that succeeded';
 COMMENT ON FUNCTION saga._failed(uuid, text, integer, text, integer, jsonb, boolean, text) IS 'internal (worker): record a call that failed';
-COMMENT ON FUNCTION saga._send(uuid, text, integer, text, integer, jsonb, jsonb, uuid) IS 'internal (worker): queue the HTTP call of a saga step';
-COMMENT ON FUNCTION saga._received(tid, uuid, integer, integer, text, text) IS 'internal (worker): record the outcome of a saga step''s HTTP call';
+COMMENT ON FUNCTION saga._send(uuid, text, integer, text, integer, jsonb, jsonb, uuid) IS 'internal (worker): queue the call of a saga step to a destination';
+COMMENT ON FUNCTION saga._received(tid, uuid, integer, integer, text, text) IS 'internal (worker): record the outcome of a saga step''s call to a destination';
 
 -- ---------- views ----------
 

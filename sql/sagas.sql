@@ -21,6 +21,7 @@ CREATE FUNCTION sagas_fn.takes_two(ctx jsonb, n integer) RETURNS jsonb LANGUAGE 
 CREATE FUNCTION sagas_fn.takes_none() RETURNS jsonb LANGUAGE sql AS $$ SELECT '{}'::jsonb $$;
 SELECT saga.create_destination('sagas_http', 'http://127.0.0.1:1/sagas', '{"backoff": "1 hour", "max_backoff": "1 hour"}');
 SELECT saga.create_destination('sagas_notify', 'notify:sagas_channel');
+SELECT saga.create_destination('sagas_db', 'postgresql://127.0.0.1:1/sagas', '{"backoff": "1 hour", "max_backoff": "1 hour"}');
 
 -- Saga ids change from run to run: errors show them as <id>.
 CREATE FUNCTION pg_temp.err(stmt text) RETURNS text LANGUAGE sql AS $$
@@ -156,6 +157,13 @@ SELECT pg_temp.err($$SELECT saga.define('sagas_bad', '{"steps": [{"name": "a", "
 SELECT pg_temp.err($$SELECT saga.define('sagas_bad', '{"steps": [{"name": "a", "action": {"destination": "sagas_http", "path": "/x"}, "timeout": "2 days"}]}')$$);
 SELECT pg_temp.err($$SELECT saga.define('sagas_bad', '{"steps": [{"name": "a", "action": {"function": "sagas_fn.ship", "path": "/x"}}]}')$$);
 SELECT pg_temp.err($$SELECT saga.define('sagas_bad', '{"steps": [{"name": "a", "action": {"destination": "sagas_http", "function": "sagas_fn.ship"}}]}')$$);
+-- a call into another database names a function, and nothing else
+SELECT pg_temp.err($$SELECT saga.define('sagas_bad', '{"steps": [{"name": "a", "action": {"destination": "sagas_db", "path": "/x"}}]}')$$);
+SELECT pg_temp.err($$SELECT saga.define('sagas_bad', '{"steps": [{"name": "a", "action": {"destination": "sagas_db"}}]}')$$);
+SELECT pg_temp.err($$SELECT saga.define('sagas_bad', '{"steps": [{"name": "a", "action": {"destination": "sagas_db", "function": "x; DROP TABLE t"}}]}')$$);
+SELECT pg_temp.err($$SELECT saga.define('sagas_bad', '{"steps": [{"name": "a", "action": {"destination": "sagas_db", "function": 42}}]}')$$);
+SELECT saga.define('sagas_remote', '{"steps": [{"name": "a", "action": {"destination": "sagas_db", "function": "stock.reserve"}, "compensation": {"destination": "sagas_db", "function": "release"}}]}');
+SELECT step ->> 'name', step -> 'action', step -> 'compensation' FROM saga.definitions, jsonb_array_elements(steps) step WHERE name = 'sagas_remote';
 -- bad timeout, backoff and deadline intervals
 SELECT pg_temp.err($$SELECT saga.define('sagas_bad', '{"steps": [{"name": "a", "action": "sagas_fn.ship", "timeout": "soon"}]}')$$);
 SELECT pg_temp.err($$SELECT saga.define('sagas_bad', '{"steps": [{"name": "a", "action": "sagas_fn.ship", "timeout": "0s"}]}')$$);
@@ -303,6 +311,7 @@ SELECT pg_temp.err(format($$SELECT saga.step(%L, 'c5', '{"function": "sagas_fn.r
 SELECT pg_temp.err(format($$SELECT saga.step(%L, 'c6', '{"args": {"sku": "A"}}')$$, :'app_id'));
 SELECT pg_temp.err(format($$SELECT saga.step(%L, 'c7', '{"destination": "sagas_nowhere", "path": "/undo"}')$$, :'app_id'));
 SELECT pg_temp.err(format($$SELECT saga.step(%L, 'c8', '{"destination": "sagas_http", "path": "undo", "body": {}}')$$, :'app_id'));
+SELECT pg_temp.err(format($$SELECT saga.step(%L, 'c9', '{"destination": "sagas_db", "function": "release", "body": {}}')$$, :'app_id'));
 SELECT pg_temp.err(format($$SELECT saga.step(%L, 'c9', '[]')$$, :'app_id'));
 \pset format aligned
 \pset tuples_only off

@@ -38,6 +38,8 @@
 
 #include <curl/curl.h>
 
+#include "libpq-fe.h"
+
 #define MAX_NAME_BYTES		63
 #define MAX_TOPIC_BYTES		200
 #define MAX_KEY_BYTES		512
@@ -482,8 +484,10 @@ option_integer(const char *dest, const char *opt, JsonbValue *v, int64 min, int6
 }
 
 static void
-parse_destination_options(const char *dest, Jsonb *options, bool http, DestinationOptions *o)
+parse_destination_options(const char *dest, Jsonb *options, const char *kind, DestinationOptions *o)
 {
+	bool		http = strcmp(kind, "http") == 0;
+
 	JsonbIterator *it;
 	JsonbValue	v;
 	JsonbIteratorToken tok;
@@ -494,7 +498,8 @@ parse_destination_options(const char *dest, Jsonb *options, bool http, Destinati
 	o->max_attempts = 10;
 	o->backoff_ms = 1000;
 	o->max_backoff_ms = 300000;
-	o->concurrency = 16;
+	/* a connection to a database carries many messages per statement */
+	o->concurrency = strcmp(kind, "postgresql") == 0 ? 4 : 16;
 
 	if (!JB_ROOT_IS_OBJECT(options) || JB_ROOT_IS_SCALAR(options))
 		ereport(ERROR,
@@ -588,16 +593,6 @@ check_http_url(const char *url)
 	curl_url_get(u, CURLUPART_SCHEME, &scheme, 0);
 	curl_url_get(u, CURLUPART_HOST, &host, 0);
 	ok = scheme && host && host[0] != '\0';
-	if (scheme && (strcmp(scheme, "postgresql") == 0 || strcmp(scheme, "postgres") == 0))
-	{
-		curl_free(scheme);
-		curl_free(host);
-		curl_url_cleanup(u);
-		ereport(ERROR,
-				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
-				 errmsg("postgresql:// destinations are not supported yet"),
-				 errhint("Use an http://, https:// or notify: destination.")));
-	}
 	if (!ok || (strcmp(scheme, "http") != 0 && strcmp(scheme, "https") != 0) ||
 		!url_has_authority(url))
 	{
@@ -607,11 +602,82 @@ check_http_url(const char *url)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("invalid destination URL \"%s\"", url),
-				 errdetail("A destination URL is notify:<channel>, http://host/... or https://host/...")));
+				 errdetail("A destination URL is notify:<channel>, http://host/..., https://host/... or postgresql://...")));
 	}
 	curl_free(scheme);
 	curl_free(host);
 	curl_url_cleanup(u);
+}
+
+static bool
+is_postgresql_url(const char *url)
+{
+	return strncmp(url, "postgresql://", 13) == 0 || strncmp(url, "postgres://", 11) == 0;
+}
+
+/* The URL with the password of its user info, if any, replaced by "***". */
+static char *
+url_without_password(const char *url)
+{
+	const char *start = strstr(url, "://") + 3;
+	size_t		authority = strcspn(start, "/?");
+	const char *at = NULL;
+	const char *colon;
+
+	for (const char *p = start; p < start + authority; p++)
+		if (*p == '@')
+			at = p;
+	if (at == NULL)
+		return pstrdup(url);
+	colon = memchr(start, ':', at - start);
+	if (colon == NULL)
+		return pstrdup(url);
+	return psprintf("%.*s***%s", (int) (colon + 1 - url), url, at);
+}
+
+/* s with every occurrence of from replaced by to */
+static char *
+replace_all(const char *s, const char *from, const char *to)
+{
+	StringInfoData buf;
+	const char *p;
+
+	initStringInfo(&buf);
+	while ((p = strstr(s, from)) != NULL)
+	{
+		appendBinaryStringInfo(&buf, s, p - s);
+		appendStringInfoString(&buf, to);
+		s = p + strlen(from);
+	}
+	appendStringInfoString(&buf, s);
+	return buf.data;
+}
+
+/*
+ * Check a postgresql:// URL with libpq's own parser. The URL may hold a
+ * password: errors do not show it.
+ */
+static void
+check_postgresql_url(const char *url)
+{
+	char	   *error = NULL;
+	PQconninfoOption *options = PQconninfoParse(url, &error);
+
+	if (options == NULL)
+	{
+		char	   *detail = error ? pstrdup(error) : pstrdup("out of memory");
+		int			len = strlen(detail);
+
+		if (error)
+			PQfreemem(error);
+		while (len > 0 && detail[len - 1] == '\n')
+			detail[--len] = '\0';
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("invalid postgresql destination URL"),
+				 errdetail("%s", replace_all(detail, url, url_without_password(url)))));
+	}
+	PQconninfoFree(options);
 }
 
 Datum
@@ -645,17 +711,21 @@ saga_create_destination(PG_FUNCTION_ARGS)
 					 errmsg("invalid NOTIFY channel in destination URL \"%s\"", url),
 					 errdetail("A channel name has 1 to %d bytes.", NAMEDATALEN - 1)));
 	}
+	else if (is_postgresql_url(url))
+	{
+		check_postgresql_url(url);
+		kind = "postgresql";
+		target = url;
+	}
 	else
 	{
 		check_http_url(url);
 		kind = "http";
 		target = url;
 	}
-	if (options != NULL)
-		parse_destination_options(name, options, strcmp(kind, "http") == 0, &o);
-	else
-		parse_destination_options(name, DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum("{}"))),
-								  false, &o);
+	if (options == NULL)
+		options = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum("{}")));
+	parse_destination_options(name, options, kind, &o);
 
 	values[0] = CStringGetTextDatum(name);
 	values[1] = CStringGetTextDatum(kind);

@@ -10,9 +10,10 @@
  * becomes data. Consecutive steps of one saga run back to back, so a saga
  * of local steps usually finishes in one transaction of the worker.
  *
- * An HTTP call is not made here: it is queued (saga._send) for the
- * worker's HTTP dispatcher, and the saga waits for its outcome without
- * holding anything, so a slow service never stalls other sagas.
+ * A call to another service (HTTP, or a function in another database) is
+ * not made here: it is queued (saga._send) for the worker's transports, and
+ * the saga waits for its outcome without holding anything, so a slow
+ * service never stalls other sagas.
  */
 #include "saga.h"
 #include "engine.h"
@@ -287,9 +288,9 @@ record_failure(SagaCall *c, ErrorData *edata, MemoryContext cxt)
 	return call_from_row(0, cxt);
 }
 
-/* Queue the HTTP call of a step; the saga waits for its outcome. */
+/* Queue the call of a step to a destination; the saga waits for its outcome. */
 static void
-send_http(SagaCall *c)
+send_call(SagaCall *c)
 {
 	Datum		values[8];
 	pg_uuid_t	request;
@@ -315,17 +316,19 @@ send_http(SagaCall *c)
 		elog(ERROR, "saga._send failed: %s", SPI_result_code_string(rc));
 }
 
+/* Does the call go to a destination (HTTP or another database)? */
 static bool
-is_http_call(SagaCall *c)
+is_remote_call(SagaCall *c)
 {
 	char	   *kind = call_field(c->call, "kind");
 
-	return kind != NULL && strcmp(kind, "http") == 0;
+	return kind != NULL && (strcmp(kind, "http") == 0 || strcmp(kind, "remote") == 0);
 }
 
 /*
  * Make one call and record its outcome; returns the saga's next call if it
- * can be made at once (never after an HTTP call, which only queues it).
+ * can be made at once (never after a call to a destination, which only
+ * queues it).
  *
  * A local step runs in a subtransaction, so that a failure rolls back only
  * its own effects. Its outcome is recorded afterwards, in the worker's
@@ -335,7 +338,7 @@ is_http_call(SagaCall *c)
  * every later visit and ages the cluster's MultiXact counter.
  */
 static SagaCall *
-run_call(SagaCall *c, MemoryContext cxt, int *http_calls)
+run_call(SagaCall *c, MemoryContext cxt, int *sent_calls)
 {
 	MemoryContext oldcxt = CurrentMemoryContext;
 	ResourceOwner oldowner = CurrentResourceOwner;
@@ -344,10 +347,10 @@ run_call(SagaCall *c, MemoryContext cxt, int *http_calls)
 	bool		isnull = true;
 	SagaCall   *next;
 
-	if (is_http_call(c))
+	if (is_remote_call(c))
 	{
-		send_http(c);
-		*http_calls += 1;
+		send_call(c);
+		*sent_calls += 1;
 		return NULL;
 	}
 
@@ -390,11 +393,11 @@ run_call(SagaCall *c, MemoryContext cxt, int *http_calls)
 
 /*
  * Run the due calls of up to limit sagas. Called in a transaction with SPI
- * connected; returns how many sagas had a call to make, and in *http_calls
- * how many HTTP calls it queued.
+ * connected; returns how many sagas had a call to make, and in *sent_calls
+ * how many calls to destinations it queued.
  */
 int
-saga_engine_run(int limit, int *http_calls)
+saga_engine_run(int limit, int *sent_calls)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 	Datum		values[1];
@@ -402,7 +405,7 @@ saga_engine_run(int limit, int *http_calls)
 	ListCell   *lc;
 	int			rc;
 
-	*http_calls = 0;
+	*sent_calls = 0;
 
 	if (claim_plan == NULL)
 	{
@@ -435,7 +438,7 @@ saga_engine_run(int limit, int *http_calls)
 		while (c != NULL)
 		{
 			CHECK_FOR_INTERRUPTS();
-			c = run_call(c, cxt, http_calls);
+			c = run_call(c, cxt, sent_calls);
 		}
 	}
 	return list_length(calls);

@@ -1,7 +1,7 @@
 /*
  * outbox.c
  *		The SQL the worker runs against the outbox: claim, dispatch to
- *		NOTIFY, record HTTP outcomes.
+ *		NOTIFY, record the outcomes of HTTP and libpq requests.
  *
  * Every function here runs inside a transaction the worker opened, with SPI
  * connected; none does network I/O. Plans are prepared once and kept.
@@ -163,7 +163,8 @@ saga_outbox_destinations(void)
 
 		d->name = get_text(tup, desc, 1);
 		kind = get_text(tup, desc, 2);
-		d->kind = strcmp(kind, "notify") == 0 ? SAGA_DEST_NOTIFY : SAGA_DEST_HTTP;
+		d->kind = strcmp(kind, "notify") == 0 ? SAGA_DEST_NOTIFY :
+			strcmp(kind, "postgresql") == 0 ? SAGA_DEST_POSTGRESQL : SAGA_DEST_HTTP;
 		d->target = get_text(tup, desc, 3);
 		d->header_lines = get_text_list(tup, desc, 4);
 		d->timeout_ms = get_int4(tup, desc, 5);
@@ -411,18 +412,35 @@ header_listed(List *lines, const char *line)
 	return false;
 }
 
+/* The columns claim_due returns */
+enum
+{
+	CLAIMED_ID = 1,
+	CLAIMED_ATTEMPTS,
+	CLAIMED_TOPIC,
+	CLAIMED_PAYLOAD,
+	CLAIMED_HEADER_LINES,
+	CLAIMED_TID,
+	CLAIMED_CALL_KEY,
+	CLAIMED_CALL_PATH,
+	CLAIMED_CALL_TIMEOUT,
+	CLAIMED_KEY,
+	CLAIMED_HEADERS,
+	CLAIMED_CALL_FUNCTION,
+	CLAIMED_CALL_PHASE
+};
+
 /*
- * Claim up to limit due messages of an HTTP destination: a lease (attempts
+ * Claim up to limit due rows of a destination: a lease (attempts
  * incremented, lease_until set) that outlives the request, so a crash leaves
- * nothing stuck. The requests wait in http until the claim commits.
+ * nothing stuck. The rows are left in SPI_tuptable; the requests built from
+ * them wait in their transport until the claim commits.
  *
- * The call of a saga step is a row like a message, with saga_call set: it
- * goes to the destination's URL plus the step's path, with the step's
- * time-out and idempotency key, and its whole response is kept (the step's
- * result).
+ * The call of a saga step is a row like a message, with saga_call set: its
+ * own time-out and idempotency key, and for HTTP a path.
  */
-int
-saga_outbox_claim_http(SagaHttp *http, SagaDestination *dest, int limit)
+static uint64
+claim_due(SagaDestination *dest, int limit)
 {
 	static SPIPlanPtr plan = NULL;
 	Datum		args[3];
@@ -442,7 +460,8 @@ saga_outbox_claim_http(SagaHttp *http, SagaDestination *dest, int limit)
 							" RETURNING q.message_id, q.attempts, q.topic, q.payload::text,"
 							"   ARRAY(SELECT h.key || ': ' || h.value FROM jsonb_each_text(q.headers) h),"
 							"   q.ctid, q.saga_call ->> 'key', q.saga_call ->> 'path',"
-							"   (q.saga_call ->> 'timeout_ms')::int4",
+							"   (q.saga_call ->> 'timeout_ms')::int4, q.key, q.headers::text,"
+							"   q.saga_call -> 'call' ->> 'function', q.saga_call ->> 'phase'",
 							3, types, CURSOR_OPT_CUSTOM_PLAN);
 	}
 	args[0] = CStringGetTextDatum(dest->name);
@@ -450,47 +469,69 @@ saga_outbox_claim_http(SagaHttp *http, SagaDestination *dest, int limit)
 	args[2] = Int32GetDatum(dest->timeout_ms);
 	rc = SPI_execute_plan(plan, args, NULL, false, 0);
 	if (rc != SPI_OK_UPDATE_RETURNING)
-		elog(ERROR, "saga: HTTP claim failed: %s", SPI_result_code_string(rc));
+		elog(ERROR, "saga: claim failed: %s", SPI_result_code_string(rc));
+	return SPI_processed;
+}
 
-	for (uint64 i = 0; i < SPI_processed; i++)
+/* What every request of a claimed row carries, whatever its transport. */
+static void
+fill_request(SagaRequest *req, SagaDestination *dest, HeapTuple tup, TupleDesc desc)
+{
+	MemoryContext old = MemoryContextSwitchTo(req->cxt);
+	bool		isnull;
+
+	memcpy(&req->message_id,
+		   DatumGetUUIDP(SPI_getbinval(tup, desc, CLAIMED_ID, &isnull)), sizeof(pg_uuid_t));
+	req->attempt = get_int4(tup, desc, CLAIMED_ATTEMPTS);
+	ItemPointerCopy((ItemPointer) DatumGetPointer(SPI_getbinval(tup, desc, CLAIMED_TID, &isnull)),
+					&req->tid);
+	req->destination = pstrdup(dest->name);
+	req->url = pstrdup(dest->target);
+	req->body = get_text(tup, desc, CLAIMED_PAYLOAD);
+	req->timeout_ms = dest->timeout_ms;
+	req->max_attempts = dest->max_attempts;
+	req->backoff_ms = dest->backoff_ms;
+	req->max_backoff_ms = dest->max_backoff_ms;
+	(void) SPI_getbinval(tup, desc, CLAIMED_CALL_KEY, &isnull);
+	req->for_saga = !isnull;
+	if (req->for_saga)
+	{
+		if (get_int4(tup, desc, CLAIMED_CALL_TIMEOUT) > 0)
+			req->timeout_ms = get_int4(tup, desc, CLAIMED_CALL_TIMEOUT);
+		req->response_limit = saga_max_payload_size;
+	}
+	MemoryContextSwitchTo(old);
+}
+
+/* Claim due rows of an HTTP destination; see claim_due. */
+int
+saga_outbox_claim_http(SagaHttp *http, SagaDestination *dest, int limit)
+{
+	uint64		n = claim_due(dest, limit);
+
+	for (uint64 i = 0; i < n; i++)
 	{
 		HeapTuple	tup = SPI_tuptable->vals[i];
 		TupleDesc	desc = SPI_tuptable->tupdesc;
-		SagaHttpRequest *req = saga_http_new_request(http);
-		MemoryContext old = MemoryContextSwitchTo(req->cxt);
-		bool		isnull;
+		SagaRequest *req = saga_http_new_request(http);
+		MemoryContext old;
 		char	   *id;
 		ListCell   *lc;
 
-		memcpy(&req->message_id,
-			   DatumGetUUIDP(SPI_getbinval(tup, desc, 1, &isnull)), sizeof(pg_uuid_t));
-		req->attempt = get_int4(tup, desc, 2);
-		ItemPointerCopy((ItemPointer) DatumGetPointer(SPI_getbinval(tup, desc, 6, &isnull)), &req->tid);
-		req->destination = pstrdup(dest->name);
-		req->url = pstrdup(dest->target);
-		req->body = get_text(tup, desc, 4);
-		req->timeout_ms = dest->timeout_ms;
-		req->max_attempts = dest->max_attempts;
-		req->backoff_ms = dest->backoff_ms;
-		req->max_backoff_ms = dest->max_backoff_ms;
-
-		id = get_text(tup, desc, 1);
-		(void) SPI_getbinval(tup, desc, 7, &isnull);
-		req->for_saga = !isnull;
+		fill_request(req, dest, tup, desc);
+		old = MemoryContextSwitchTo(req->cxt);
+		id = get_text(tup, desc, CLAIMED_ID);
 		if (req->for_saga)
 		{
-			req->url = psprintf("%s%s", dest->target, get_text(tup, desc, 8));
-			id = get_text(tup, desc, 7);
-			if (get_int4(tup, desc, 9) > 0)
-				req->timeout_ms = get_int4(tup, desc, 9);
-			req->response_limit = saga_max_payload_size;
+			req->url = psprintf("%s%s", dest->target, get_text(tup, desc, CLAIMED_CALL_PATH));
+			id = get_text(tup, desc, CLAIMED_CALL_KEY);
 		}
 		saga_http_add_header(req, "Content-Type", "application/json");
 		saga_http_add_header(req, "Idempotency-Key", id);
-		saga_http_add_header(req, "Saga-Topic", get_text(tup, desc, 3));
+		saga_http_add_header(req, "Saga-Topic", get_text(tup, desc, CLAIMED_TOPIC));
 		foreach(lc, dest->header_lines)
 			req->headers = curl_slist_append(req->headers, (char *) lfirst(lc));
-		foreach(lc, get_text_list(tup, desc, 5))
+		foreach(lc, get_text_list(tup, desc, CLAIMED_HEADER_LINES))
 		{
 			/* the administrator's headers (credentials) win over a publisher's */
 			if (!header_listed(dest->header_lines, (char *) lfirst(lc)))
@@ -498,7 +539,42 @@ saga_outbox_claim_http(SagaHttp *http, SagaDestination *dest, int limit)
 		}
 		MemoryContextSwitchTo(old);
 	}
-	return (int) SPI_processed;
+	return (int) n;
+}
+
+/*
+ * Claim due rows of a postgresql:// destination; see claim_due. A message
+ * goes to the remote saga.receive; the call of a saga step to saga.invoke,
+ * or saga.compensate with the key of the action it undoes.
+ */
+int
+saga_outbox_claim_pg(SagaPg *pg, SagaDestination *dest, int limit)
+{
+	uint64		n = claim_due(dest, limit);
+
+	for (uint64 i = 0; i < n; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		SagaRequest *req = saga_pg_new_request(pg, dest->concurrency);
+		MemoryContext old;
+
+		fill_request(req, dest, tup, desc);
+		old = MemoryContextSwitchTo(req->cxt);
+		req->topic = get_text(tup, desc, CLAIMED_TOPIC);
+		req->key = get_text(tup, desc, CLAIMED_KEY);
+		req->headers_json = get_text(tup, desc, CLAIMED_HEADERS);
+		if (req->for_saga)
+		{
+			char	   *phase = get_text(tup, desc, CLAIMED_CALL_PHASE);
+
+			req->call_key = get_text(tup, desc, CLAIMED_CALL_KEY);
+			req->function = get_text(tup, desc, CLAIMED_CALL_FUNCTION);
+			req->compensation = phase != NULL && strcmp(phase, "compensation") == 0;
+		}
+		MemoryContextSwitchTo(old);
+	}
+	return (int) n;
 }
 
 static SagaRecordCounts record_messages(List *requests);
@@ -523,12 +599,12 @@ valid_text(const char *s)
 }
 
 /*
- * Hand the outcome of a saga step's HTTP call to the saga (saga._received
+ * Hand the outcome of a saga step's call to the saga (saga._received
  * deletes the row, under the same fence as messages). A 2xx response is the
  * step's result; one larger than saga.max_payload_size is not kept.
  */
 static void
-record_saga_call(SagaHttpRequest *req)
+record_saga_call(SagaRequest *req)
 {
 	static SPIPlanPtr plan = NULL;
 	Datum		args[6];
@@ -550,8 +626,8 @@ record_saga_call(SagaHttpRequest *req)
 	else if (req->response_bytes > (size_t) req->response.len)
 	{
 		ereport(WARNING,
-				(errmsg("saga: the response to step call %s has %zu bytes, more than saga.max_payload_size; its result is not kept",
-						req->url, req->response_bytes)));
+				(errmsg("saga: the answer of destination \"%s\" to a step's call has %zu bytes, more than saga.max_payload_size; its result is not kept",
+						req->destination, req->response_bytes)));
 		args[4] = CStringGetTextDatum(psprintf("{\"truncated\": true, \"bytes\": %zu}",
 											   req->response_bytes));
 	}
@@ -563,23 +639,23 @@ record_saga_call(SagaHttpRequest *req)
 		args[5] = CStringGetTextDatum(valid_text(req->error));
 	rc = SPI_execute_plan(plan, args, nulls, false, 0);
 	if (rc != SPI_OK_SELECT)
-		elog(ERROR, "saga: could not record the outcome of a step's HTTP call: %s",
+		elog(ERROR, "saga: could not record the outcome of a step's call: %s",
 			 SPI_result_code_string(rc));
 }
 
 /*
- * Record the outcomes of finished HTTP requests: the calls of saga steps one
- * by one, the messages in one statement.
+ * Record the outcomes of finished requests: the calls of saga steps one by
+ * one, the messages in one statement.
  */
 SagaRecordCounts
-saga_outbox_record_http(List *requests)
+saga_outbox_record(List *requests)
 {
 	List	   *messages = NIL;
 	ListCell   *lc;
 
 	foreach(lc, requests)
 	{
-		SagaHttpRequest *req = lfirst(lc);
+		SagaRequest *req = lfirst(lc);
 
 		if (req->for_saga)
 			record_saga_call(req);
@@ -662,7 +738,7 @@ record_messages(List *requests)
 
 	foreach(lc, requests)
 	{
-		SagaHttpRequest *req = lfirst(lc);
+		SagaRequest *req = lfirst(lc);
 		SagaOutcome outcome = req->outcome;
 		double		delay = 0;
 
@@ -700,7 +776,7 @@ record_messages(List *requests)
 
 	rc = SPI_execute_plan(plan, args, NULL, false, 0);
 	if (rc != SPI_OK_SELECT)
-		elog(ERROR, "saga: could not record HTTP outcomes: %s", SPI_result_code_string(rc));
+		elog(ERROR, "saga: could not record delivery outcomes: %s", SPI_result_code_string(rc));
 	return counts;
 }
 

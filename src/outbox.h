@@ -10,11 +10,13 @@
 #include "nodes/pg_list.h"
 
 #include "transport_http.h"
+#include "transport_pg.h"
 
 typedef enum SagaDestinationKind
 {
 	SAGA_DEST_NOTIFY,
-	SAGA_DEST_HTTP
+	SAGA_DEST_HTTP,
+	SAGA_DEST_POSTGRESQL
 } SagaDestinationKind;
 
 /* A destination as the worker needs it for one cycle. */
@@ -22,7 +24,7 @@ typedef struct SagaDestination
 {
 	char	   *name;
 	SagaDestinationKind kind;
-	char	   *target;			/* NOTIFY channel or URL */
+	char	   *target;			/* NOTIFY channel, URL or conninfo */
 	List	   *header_lines;	/* "Name: value", HTTP only */
 	int			timeout_ms;
 	int			max_attempts;
@@ -45,7 +47,8 @@ extern void saga_outbox_reconcile(void);
 extern List *saga_outbox_destinations(void);
 extern int	saga_outbox_dispatch_notify(SagaDestination *dest, int limit);
 extern int	saga_outbox_claim_http(SagaHttp *http, SagaDestination *dest, int limit);
-extern SagaRecordCounts saga_outbox_record_http(List *requests);
+extern int	saga_outbox_claim_pg(SagaPg *pg, SagaDestination *dest, int limit);
+extern SagaRecordCounts saga_outbox_record(List *requests);
 extern TimestampTz saga_outbox_next_due(SagaDestination *dest);
 extern int	saga_outbox_expire_retained(void);
 extern int	saga_backoff_ms(int attempt, int backoff_ms, int max_backoff_ms);

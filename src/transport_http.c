@@ -20,7 +20,7 @@
 #define RESPONSE_SNIPPET_BYTES	512
 #define MAX_RETRY_AFTER_S		(24 * 3600)
 
-static void classify(SagaHttpRequest *req);
+static void classify(SagaRequest *req);
 
 struct SagaHttp
 {
@@ -100,12 +100,12 @@ saga_http_create(void)
  * A request for a claimed delivery. It waits in "created" until the claim has
  * committed (saga_http_submit_new) or was rolled back (saga_http_discard_new).
  */
-SagaHttpRequest *
+SagaRequest *
 saga_http_new_request(SagaHttp *http)
 {
 	MemoryContext cxt = AllocSetContextCreate(http->cxt, "saga http request",
 											  ALLOCSET_SMALL_SIZES);
-	SagaHttpRequest *req = MemoryContextAllocZero(cxt, sizeof(SagaHttpRequest));
+	SagaRequest *req = MemoryContextAllocZero(cxt, sizeof(SagaRequest));
 
 	req->cxt = cxt;
 	req->retry_after_s = -1;
@@ -115,7 +115,7 @@ saga_http_new_request(SagaHttp *http)
 }
 
 static void
-free_request(SagaHttpRequest *req)
+free_request(SagaRequest *req)
 {
 	if (req->easy)
 		curl_easy_cleanup(req->easy);
@@ -125,7 +125,7 @@ free_request(SagaHttpRequest *req)
 }
 
 void
-saga_http_add_header(SagaHttpRequest *req, const char *name, const char *value)
+saga_http_add_header(SagaRequest *req, const char *name, const char *value)
 {
 	char	   *line = psprintf("%s: %s", name, value);
 	struct curl_slist *l = curl_slist_append(req->headers, line);
@@ -139,7 +139,7 @@ saga_http_add_header(SagaHttpRequest *req, const char *name, const char *value)
 static size_t
 collect_response(char *data, size_t size, size_t nmemb, void *arg)
 {
-	SagaHttpRequest *req = (SagaHttpRequest *) arg;
+	SagaRequest *req = (SagaRequest *) arg;
 	size_t		len = size * nmemb;
 	size_t		room = req->response_limit - req->response.len;
 
@@ -151,7 +151,7 @@ collect_response(char *data, size_t size, size_t nmemb, void *arg)
 }
 
 static void
-submit_one(SagaHttp *http, SagaHttpRequest *req)
+submit_one(SagaHttp *http, SagaRequest *req)
 {
 	CURL	   *easy = curl_easy_init();
 	MemoryContext old;
@@ -199,7 +199,7 @@ saga_http_submit_new(SagaHttp *http)
 
 	dlist_foreach_modify(iter, &http->created)
 	{
-		SagaHttpRequest *req = dlist_container(SagaHttpRequest, node, iter.cur);
+		SagaRequest *req = dlist_container(SagaRequest, node, iter.cur);
 
 		dlist_delete(&req->node);
 		submit_one(http, req);
@@ -216,7 +216,7 @@ saga_http_discard_new(SagaHttp *http)
 
 	dlist_foreach_modify(iter, &http->created)
 	{
-		SagaHttpRequest *req = dlist_container(SagaHttpRequest, node, iter.cur);
+		SagaRequest *req = dlist_container(SagaRequest, node, iter.cur);
 
 		dlist_delete(&req->node);
 		free_request(req);
@@ -231,7 +231,7 @@ saga_http_in_flight(SagaHttp *http, const char *destination)
 
 	dlist_foreach(iter, &http->running)
 	{
-		SagaHttpRequest *req = dlist_container(SagaHttpRequest, node, iter.cur);
+		SagaRequest *req = dlist_container(SagaRequest, node, iter.cur);
 
 		if (strcmp(req->destination, destination) == 0)
 			n++;
@@ -325,7 +325,7 @@ saga_http_perform(SagaHttp *http)
 	}
 	while ((msg = curl_multi_info_read(http->multi, &queued)) != NULL)
 	{
-		SagaHttpRequest *req;
+		SagaRequest *req;
 
 		if (msg->msg != CURLMSG_DONE)
 			continue;
@@ -359,7 +359,7 @@ saga_http_completed(SagaHttp *http)
 	List	   *result = NIL;
 
 	dlist_foreach(iter, &http->completed)
-		result = lappend(result, dlist_container(SagaHttpRequest, node, iter.cur));
+		result = lappend(result, dlist_container(SagaRequest, node, iter.cur));
 	return result;
 }
 
@@ -370,7 +370,7 @@ saga_http_release(List *requests)
 
 	foreach(lc, requests)
 	{
-		SagaHttpRequest *req = lfirst(lc);
+		SagaRequest *req = lfirst(lc);
 
 		dlist_delete(&req->node);
 		free_request(req);
@@ -383,7 +383,7 @@ saga_http_release(List *requests)
  * another attempt; any other answer is permanent.
  */
 static void
-classify(SagaHttpRequest *req)
+classify(SagaRequest *req)
 {
 	long		s = req->status;
 	MemoryContext old = MemoryContextSwitchTo(req->cxt);

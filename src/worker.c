@@ -4,12 +4,14 @@
  *		record in short transactions.
  *
  * The loop never holds a transaction, snapshot or lock while it waits on the
- * network: HTTP requests run in libcurl between transactions, and NOTIFY
- * deliveries are queued and committed together with the rows they remove.
+ * network: HTTP requests (libcurl) and calls into other databases (libpq)
+ * run between transactions, and NOTIFY deliveries are queued and committed
+ * together with the rows they remove.
  */
 #include "saga.h"
 
 #include "access/xact.h"
+#include "commands/dbcommands.h"
 #include "commands/vacuum.h"
 #include "nodes/makefuncs.h"
 #include "parser/parse_node.h"
@@ -89,6 +91,10 @@ static MemoryContext destinations_cxt = NULL;
 static List *destinations = NIL;
 static uint64 destinations_version = DESTINATIONS_STALE;
 
+
+/* the two transports, with requests in flight across cycles */
+static SagaHttp *http = NULL;
+static SagaPg *pg = NULL;
 
 /* rows deleted since the worker last vacuumed saga.queue */
 static uint64 deleted_since_vacuum = 0;
@@ -214,15 +220,17 @@ earliest(TimestampTz a, TimestampTz b)
 }
 
 /*
- * One cycle: record finished HTTP requests, claim more for every HTTP
- * destination with room, then drain due NOTIFY messages. Returns true when
+ * One cycle: record finished requests, claim more for every HTTP and
+ * postgresql destination with room, then drain due NOTIFY messages. Returns true when
  * work was left behind (a full NOTIFY batch), so the caller does not sleep;
  * *next_due is set to when the next waiting message falls due (0: none).
  */
 static bool
-run_cycle(SagaHttp *http, bool sweep_retained, bool reread, TimestampTz *next_due)
+run_cycle(bool sweep_retained, bool reread, TimestampTz *next_due)
 {
-	List	   *finished = saga_http_completed(http);
+	List	   *finished_http = saga_http_completed(http);
+	List	   *finished_pg = saga_pg_completed(pg);
+	List	   *finished = list_concat_copy(finished_http, finished_pg);
 	uint64		version = saga_config_version();
 	List	   *dests;
 	SagaRecordCounts counts;
@@ -231,7 +239,7 @@ run_cycle(SagaHttp *http, bool sweep_retained, bool reread, TimestampTz *next_du
 
 	foreach(lc, finished)
 	{
-		SagaHttpRequest *req = lfirst(lc);
+		SagaRequest *req = lfirst(lc);
 
 		if (req->outcome != SAGA_OUTCOME_DELIVERED)
 			ereport(DEBUG1,
@@ -240,7 +248,7 @@ run_cycle(SagaHttp *http, bool sweep_retained, bool reread, TimestampTz *next_du
 	}
 
 	begin_work("claiming and recording");
-	counts = saga_outbox_record_http(finished);
+	counts = saga_outbox_record(finished);
 	dests = current_destinations(version, reread);
 	*next_due = 0;
 	foreach(lc, dests)
@@ -256,6 +264,15 @@ run_cycle(SagaHttp *http, bool sweep_retained, bool reread, TimestampTz *next_du
 			if (room <= 0 || saga_outbox_claim_http(http, dest, want) == want)
 				continue;
 		}
+		else if (dest->kind == SAGA_DEST_POSTGRESQL)
+		{
+			/* each connection carries up to a batch of messages at once */
+			int			room = dest->concurrency * saga_batch_size - saga_pg_in_flight(pg, dest->name);
+			int			want = Min(room, saga_batch_size);
+
+			if (room <= 0 || saga_outbox_claim_pg(pg, dest, want) == want)
+				continue;
+		}
 		*next_due = earliest(*next_due, saga_outbox_next_due(dest));
 	}
 	if (sweep_retained)
@@ -269,8 +286,10 @@ run_cycle(SagaHttp *http, bool sweep_retained, bool reread, TimestampTz *next_du
 	deleted_since_vacuum += counts.delivered;
 	pg_atomic_fetch_add_u64(&my_slot->retried, counts.retried);
 	pg_atomic_fetch_add_u64(&my_slot->dead_lettered, counts.dead);
-	saga_http_release(finished);
+	saga_http_release(finished_http);
+	saga_pg_release(finished_pg);
 	saga_http_submit_new(http);
+	saga_pg_submit_new(pg);
 
 	foreach(lc, dests)
 	{
@@ -300,7 +319,7 @@ run_cycle(SagaHttp *http, bool sweep_retained, bool reread, TimestampTz *next_du
 	for (int batch = 0;; batch++)
 	{
 		int			sagas;
-		int			http_calls;
+		int			sent_calls;
 
 		if (batch == SAGA_BATCHES_PER_CYCLE)
 		{
@@ -308,10 +327,10 @@ run_cycle(SagaHttp *http, bool sweep_retained, bool reread, TimestampTz *next_du
 			break;
 		}
 		begin_work("running sagas");
-		sagas = saga_engine_run(SAGAS_PER_TRANSACTION, &http_calls);
+		sagas = saga_engine_run(SAGAS_PER_TRANSACTION, &sent_calls);
 		end_work();
-		/* queued HTTP calls are claimed and sent by the next cycle */
-		if (http_calls > 0)
+		/* queued calls are claimed and sent by the next cycle */
+		if (sent_calls > 0)
 			more = true;
 		if (sagas < SAGAS_PER_TRANSACTION)
 			break;
@@ -335,7 +354,7 @@ run_cycle(SagaHttp *http, bool sweep_retained, bool reread, TimestampTz *next_du
 
 	SpinLockAcquire(&saga_shared->mutex);
 	my_slot->last_cycle_at = GetCurrentTimestamp();
-	my_slot->in_flight = saga_http_total_in_flight(http);
+	my_slot->in_flight = saga_http_total_in_flight(http) + saga_pg_total_in_flight(pg);
 	SpinLockRelease(&saga_shared->mutex);
 	return more;
 }
@@ -369,19 +388,26 @@ vacuum_queue(void)
 	deleted_since_vacuum = 0;
 }
 
+static bool
+transports_have_completed(void)
+{
+	return saga_http_has_completed(http) || saga_pg_has_completed(pg);
+}
+
 /*
- * Sleep until the latch is set (if with_latch), a socket libcurl waits on is
- * ready, or the timeout passes; then let libcurl run. Returns true if the
- * latch was set. The two wait sets live as long as the worker.
+ * Sleep until the latch is set (if with_latch), a socket a transport waits
+ * on is ready, or the timeout passes; then let both transports run. Returns
+ * true if the latch was set. The two wait sets live as long as the worker.
  */
 static bool
-wait_for_work(SagaHttp *http, long timeout_ms, bool with_latch)
+wait_for_work(long timeout_ms, bool with_latch)
 {
 	static WaitEventSet *with_latch_set = NULL;
 	static WaitEventSet *without_latch_set = NULL;
 	long		curl_timeout = saga_http_timeout_ms(http);
+	long		pg_timeout = saga_pg_timeout_ms(pg);
 	WaitEventSet *set;
-	WaitEvent	occurred[3];
+	WaitEvent	occurred[4];
 	bool		latch_set = false;
 	int			n;
 
@@ -389,19 +415,23 @@ wait_for_work(SagaHttp *http, long timeout_ms, bool with_latch)
 	{
 		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
 
-		with_latch_set = SagaCreateWaitEventSet(3);
+		with_latch_set = SagaCreateWaitEventSet(4);
 		AddWaitEventToSet(with_latch_set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
 		AddWaitEventToSet(with_latch_set, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
 		AddWaitEventToSet(with_latch_set, WL_SOCKET_READABLE, saga_http_wait_fd(http), NULL, NULL);
-		without_latch_set = SagaCreateWaitEventSet(2);
+		AddWaitEventToSet(with_latch_set, WL_SOCKET_READABLE, saga_pg_wait_fd(pg), NULL, NULL);
+		without_latch_set = SagaCreateWaitEventSet(3);
 		AddWaitEventToSet(without_latch_set, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
 		AddWaitEventToSet(without_latch_set, WL_SOCKET_READABLE, saga_http_wait_fd(http), NULL, NULL);
+		AddWaitEventToSet(without_latch_set, WL_SOCKET_READABLE, saga_pg_wait_fd(pg), NULL, NULL);
 		MemoryContextSwitchTo(old);
 	}
 	set = with_latch ? with_latch_set : without_latch_set;
 
 	if (curl_timeout >= 0 && curl_timeout < timeout_ms)
 		timeout_ms = curl_timeout;
+	if (pg_timeout >= 0 && pg_timeout < timeout_ms)
+		timeout_ms = pg_timeout;
 
 	set_state(SAGA_SLOT_IDLE);
 	n = WaitEventSetWait(set, timeout_ms, occurred, lengthof(occurred), PG_WAIT_EXTENSION);
@@ -416,6 +446,7 @@ wait_for_work(SagaHttp *http, long timeout_ms, bool with_latch)
 	set_state(SAGA_SLOT_DISPATCHING);
 
 	saga_http_perform(http);
+	saga_pg_perform(pg);
 	return latch_set;
 }
 
@@ -424,7 +455,6 @@ saga_worker_main(Datum arg)
 {
 	int			slotno = DatumGetInt32(arg);
 	Oid			dboid;
-	SagaHttp   *http;
 	static TimestampTz next_poll;
 	static TimestampTz next_sweep;
 	static TimestampTz last_cycle;
@@ -467,6 +497,8 @@ saga_worker_main(Datum arg)
 		CommitTransactionCommand();
 		leave_no_extension();
 	}
+	/* receivers see messages as coming from this database */
+	pg = saga_pg_create(get_database_name(MyDatabaseId));
 	CommitTransactionCommand();
 
 	cycle_cxt = AllocSetContextCreate(TopMemoryContext, "saga worker cycle",
@@ -496,6 +528,7 @@ saga_worker_main(Datum arg)
 		EmitErrorReport();
 		AbortOutOfAnyTransaction();
 		saga_http_discard_new(http);
+		saga_pg_discard_new(pg);
 		destinations_version = DESTINATIONS_STALE;
 		FlushErrorState();
 		MemoryContextSwitchTo(TopMemoryContext);
@@ -513,7 +546,7 @@ saga_worker_main(Datum arg)
 			while ((left = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), until)) > 0)
 			{
 				CHECK_FOR_INTERRUPTS();
-				(void) wait_for_work(http, left, true);
+				(void) wait_for_work(left, true);
 			}
 		}
 		work = true;
@@ -538,13 +571,13 @@ saga_worker_main(Datum arg)
 		now = GetCurrentTimestamp();
 		if (now >= next_poll)
 			work = true;
-		if (work || saga_http_has_completed(http))
+		if (work || transports_have_completed())
 		{
 			bool		sweep = now >= next_sweep;
 			TimestampTz next_due;
 
 			last_cycle = now;
-			more = run_cycle(http, sweep, now >= next_poll, &next_due);
+			more = run_cycle(sweep, now >= next_poll, &next_due);
 			consecutive_errors = 0;
 			if (sweep)
 				next_sweep = TimestampTzPlusMilliseconds(now, RETENTION_SWEEP_MS);
@@ -585,10 +618,10 @@ saga_worker_main(Datum arg)
 			 */
 			while ((left = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), hold_until)) > 0 &&
 				   GetCurrentTimestamp() < next_poll)
-				(void) wait_for_work(http, left, false);
-			timeout = saga_http_has_completed(http) ? 0 :
+				(void) wait_for_work(left, false);
+			timeout = transports_have_completed() ? 0 :
 				Max(0, TimestampDifferenceMilliseconds(GetCurrentTimestamp(), next_poll));
 		}
-		work = wait_for_work(http, timeout, true) || more;
+		work = wait_for_work(timeout, true) || more;
 	}
 }
