@@ -970,8 +970,12 @@ $$;
 -- the saga wait for the outcome. The delivery path sends it and calls
 -- saga._received. An action in flight is marked running with its
 -- compensation: if the saga is cancelled or passes its deadline meanwhile,
--- the call may still take effect. A compensation in another database goes
--- to saga.compensate with the key of the action it undoes.
+-- the call may still take effect. A call into another database goes to
+-- saga.invoke with key "<saga id>:<step>"; the compensation of a step the
+-- worker ran there goes to saga.compensate with that same key, so it runs
+-- only if the action did. An application-driven step was done by the
+-- application, not through saga.invoke: its compensation is invoked with
+-- key "<saga id>:<step>:compensation".
 CREATE FUNCTION saga._send(id uuid, phase text, pos integer, step text, n integer, call jsonb,
     ctx jsonb, request uuid) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -982,6 +986,7 @@ DECLARE
     comp jsonb;
     remote boolean := call ->> 'kind' = 'remote';
     suffix text := CASE WHEN phase = 'compensation' THEN ':compensation' ELSE '' END;
+    method text := 'invoke';
 BEGIN
     IF NOT EXISTS (SELECT FROM saga.destinations d WHERE d.name = dest
                    AND d.kind = CASE WHEN remote THEN 'postgresql' ELSE 'http' END) THEN
@@ -991,14 +996,18 @@ BEGIN
         RETURN;
     END IF;
     SELECT * INTO s FROM saga.instances i WHERE i.id = _send.id;
+    IF remote AND phase = 'compensation' AND s.driver = 'worker' THEN
+        method := 'compensate';
+        suffix := '';
+    END IF;
     INSERT INTO saga.queue (message_id, destination, topic, payload, next_attempt_at, saga_call)
-    VALUES (request, dest, s.name || '.' || step || replace(suffix, ':', '.'),
+    VALUES (request, dest, s.name || '.' || step || CASE WHEN phase = 'compensation' THEN '.compensation' ELSE '' END,
             CASE WHEN call ? 'body' THEN call -> 'body' ELSE ctx END,
             now(),
             jsonb_build_object('saga_id', id, 'phase', phase, 'position', pos, 'step', step,
                                'attempt', n, 'call', call, 'path', coalesce(call ->> 'path', ''),
                                'timeout_ms', call -> 'timeout_ms',
-                               'key', id::text || ':' || step || CASE WHEN remote THEN '' ELSE suffix END));
+                               'method', method, 'key', id::text || ':' || step || suffix));
     IF phase = 'action' THEN
         SELECT (d.steps -> pos) -> 'compensation' INTO comp
         FROM saga.definitions d WHERE d.name = s.name AND d.version = s.version;

@@ -1204,7 +1204,10 @@ saga_metrics(PG_FUNCTION_ARGS)
 		put_metric(store, desc, "messages_delivered_total", "{}", (double) pg_atomic_read_u64(&slot->delivered));
 		put_metric(store, desc, "messages_retried_total", "{}", (double) pg_atomic_read_u64(&slot->retried));
 		put_metric(store, desc, "messages_dead_lettered_total", "{}", (double) pg_atomic_read_u64(&slot->dead_lettered));
-		put_metric(store, desc, "http_requests_in_flight", "{}", (double) slot->in_flight);
+		put_metric(store, desc, "http_requests_in_flight", "{}",
+				   (double) (slot->in_flight - slot->remote_calls_in_flight));
+		put_metric(store, desc, "database_requests_in_flight", "{}",
+				   (double) slot->remote_calls_in_flight);
 	}
 
 	saga_begin_as_owner(&oc, true);

@@ -151,6 +151,7 @@ claim_slot(Oid dboid)
 			slot->pid = 0;
 			slot->latch = NULL;
 			slot->in_flight = 0;
+			slot->remote_calls_in_flight = 0;
 			slot->started_at = 0;
 			slot->last_cycle_at = 0;
 			pg_atomic_write_u64(&slot->published, 0);

@@ -427,7 +427,7 @@ enum
 	CLAIMED_KEY,
 	CLAIMED_HEADERS,
 	CLAIMED_CALL_FUNCTION,
-	CLAIMED_CALL_PHASE
+	CLAIMED_CALL_METHOD
 };
 
 /*
@@ -461,7 +461,7 @@ claim_due(SagaDestination *dest, int limit)
 							"   ARRAY(SELECT h.key || ': ' || h.value FROM jsonb_each_text(q.headers) h),"
 							"   q.ctid, q.saga_call ->> 'key', q.saga_call ->> 'path',"
 							"   (q.saga_call ->> 'timeout_ms')::int4, q.key, q.headers::text,"
-							"   q.saga_call -> 'call' ->> 'function', q.saga_call ->> 'phase'",
+							"   q.saga_call -> 'call' ->> 'function', q.saga_call ->> 'method'",
 							3, types, CURSOR_OPT_CUSTOM_PLAN);
 	}
 	args[0] = CStringGetTextDatum(dest->name);
@@ -545,7 +545,8 @@ saga_outbox_claim_http(SagaHttp *http, SagaDestination *dest, int limit)
 /*
  * Claim due rows of a postgresql:// destination; see claim_due. A message
  * goes to the remote saga.receive; the call of a saga step to saga.invoke,
- * or saga.compensate with the key of the action it undoes.
+ * or saga.compensate with the key of the action it undoes (saga._send
+ * chose which).
  */
 int
 saga_outbox_claim_pg(SagaPg *pg, SagaDestination *dest, int limit)
@@ -566,11 +567,11 @@ saga_outbox_claim_pg(SagaPg *pg, SagaDestination *dest, int limit)
 		req->headers_json = get_text(tup, desc, CLAIMED_HEADERS);
 		if (req->for_saga)
 		{
-			char	   *phase = get_text(tup, desc, CLAIMED_CALL_PHASE);
+			char	   *method = get_text(tup, desc, CLAIMED_CALL_METHOD);
 
 			req->call_key = get_text(tup, desc, CLAIMED_CALL_KEY);
 			req->function = get_text(tup, desc, CLAIMED_CALL_FUNCTION);
-			req->compensation = phase != NULL && strcmp(phase, "compensation") == 0;
+			req->compensation = method != NULL && strcmp(method, "compensate") == 0;
 		}
 		MemoryContextSwitchTo(old);
 	}

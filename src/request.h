@@ -55,7 +55,7 @@ typedef struct SagaRequest
 	char	   *key;			/* the message's key */
 	char	   *headers_json;	/* the message's headers, JSON text or NULL */
 	char	   *function;		/* a saga step's remote function */
-	char	   *call_key;		/* its invocation key: "<saga id>:<step>" */
+	char	   *call_key;		/* its key for saga.invoke or saga.compensate */
 	bool		compensation;	/* saga.compensate, not saga.invoke */
 	int			max_connections;	/* the destination's concurrency */
 	bool		alone;			/* send in a statement of its own */

@@ -49,7 +49,8 @@ typedef struct SagaWorkerSlot
 	Latch	   *latch;
 	TimestampTz started_at;
 	TimestampTz last_cycle_at;
-	int			in_flight;
+	int			in_flight;		/* HTTP requests and calls into databases */
+	int			remote_calls_in_flight; /* ... of which into databases */
 	pg_atomic_uint64 published;
 	pg_atomic_uint64 delivered;
 	pg_atomic_uint64 retried;

@@ -374,6 +374,9 @@ send_batch(SagaPg *pg, Connection *c, SagaRequest *first, int max_batch)
 
 	c->state = CONN_BUSY;
 	c->batch_outcome = SAGA_OUTCOME_RETRY;
+	if (c->batch_error)
+		pfree(c->batch_error);
+	c->batch_error = NULL;
 	c->deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), first->timeout_ms);
 	c->timeout_ms = first->timeout_ms;
 	if (!PQsendQueryParams(c->conn, sql, nparams, NULL, values, NULL, NULL, 0))

@@ -354,7 +354,8 @@ run_cycle(bool sweep_retained, bool reread, TimestampTz *next_due)
 
 	SpinLockAcquire(&saga_shared->mutex);
 	my_slot->last_cycle_at = GetCurrentTimestamp();
-	my_slot->in_flight = saga_http_total_in_flight(http) + saga_pg_total_in_flight(pg);
+	my_slot->remote_calls_in_flight = saga_pg_total_in_flight(pg);
+	my_slot->in_flight = saga_http_total_in_flight(http) + my_slot->remote_calls_in_flight;
 	SpinLockRelease(&saga_shared->mutex);
 	return more;
 }
