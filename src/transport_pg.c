@@ -16,6 +16,7 @@
  */
 #include "postgres.h"
 
+#include <ctype.h>
 #include <sys/epoll.h>
 #include <unistd.h>
 
@@ -133,15 +134,24 @@ complete(SagaPg *pg, SagaRequest *req, SagaOutcome outcome, const char *error)
 static char *
 connection_error(PGconn *conn)
 {
-	char	   *msg = pstrdup(conn ? PQerrorMessage(conn) : "out of memory");
-	int			len = strlen(msg);
+	const char *msg = conn ? PQerrorMessage(conn) : "out of memory";
+	StringInfoData buf;
+	bool		space = false;
 
-	while (len > 0 && (msg[len - 1] == '\n' || msg[len - 1] == ' '))
-		msg[--len] = '\0';
-	for (int i = 0; i < len; i++)
-		if (msg[i] == '\n')
-			msg[i] = ' ';
-	return msg;
+	initStringInfo(&buf);
+	for (const char *p = msg; *p; p++)
+	{
+		if (isspace((unsigned char) *p))
+			space = true;
+		else
+		{
+			if (space && buf.len > 0)
+				appendStringInfoChar(&buf, ' ');
+			space = false;
+			appendStringInfoChar(&buf, *p);
+		}
+	}
+	return buf.data;
 }
 
 /* Watch the connection's socket for what it waits for. */
