@@ -918,7 +918,8 @@ BEGIN
             INSERT INTO saga.instance_steps AS x (saga_id, position, step, status, attempts, error)
             VALUES (id, pos, step, 'retrying', n, error)
             ON CONFLICT ON CONSTRAINT instance_steps_pkey DO UPDATE
-            SET attempts = excluded.attempts, error = excluded.error, updated_at = clock_timestamp();
+            SET status = 'retrying', attempts = excluded.attempts, error = excluded.error,
+                updated_at = clock_timestamp();
             -- (an answer that comes after a cancel: compensate at once)
             UPDATE saga.instances i SET attempts = n, updated_at = clock_timestamp(),
                 next_run_at = CASE WHEN i.status = 'running' THEN least(clock_timestamp() + delay, i.deadline)
