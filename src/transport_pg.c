@@ -31,6 +31,13 @@
 /* an idle connection is closed after this long */
 #define IDLE_CONNECTION_MS	(5 * 60 * 1000)
 
+/*
+ * A statement whose connection the worker closed on time-out would go on
+ * running remotely, holding its invocation key against the retries; this
+ * makes the remote backend notice the closed connection and roll back.
+ */
+#define SESSION_OPTIONS		"-c client_connection_check_interval=1000"
+
 #define RECEIVE_SQL \
 	"SELECT pg_catalog.count(*) FROM ROWS FROM (" \
 	" pg_catalog.unnest($1::pg_catalog.uuid[]), pg_catalog.unnest($2::pg_catalog.text[])," \
@@ -255,12 +262,30 @@ close_connection(SagaPg *pg, Connection *c, const char *error)
 	pfree(c);
 }
 
+/* SESSION_OPTIONS, then the URL's own "options" (which win), if any. */
+static char *
+session_options(const char *url)
+{
+	PQconninfoOption *parsed = PQconninfoParse(url, NULL);
+	char	   *result = pstrdup(SESSION_OPTIONS);
+
+	if (parsed == NULL)
+		return result;			/* connecting reports the error */
+	for (PQconninfoOption *o = parsed; o->keyword != NULL; o++)
+		if (strcmp(o->keyword, "options") == 0 && o->val != NULL && o->val[0] != '\0')
+			result = psprintf("%s %s", SESSION_OPTIONS, o->val);
+	PQconninfoFree(parsed);
+	return result;
+}
+
 /* Start connecting; false if that failed at once. */
 static bool
 start_connection(SagaPg *pg, SagaRequest *req)
 {
-	const char *keys[] = {"dbname", "fallback_application_name", NULL};
-	const char *values[] = {req->url, psprintf("saga %s", pg->source), NULL};
+	/* later keywords override what the URL (dbname) sets */
+	const char *keys[] = {"dbname", "options", "fallback_application_name", NULL};
+	const char *values[] = {req->url, session_options(req->url),
+	psprintf("saga %s", pg->source), NULL};
 	MemoryContext old = MemoryContextSwitchTo(pg->cxt);
 	Connection *c = palloc0(sizeof(Connection));
 

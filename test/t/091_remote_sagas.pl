@@ -14,8 +14,9 @@
 #  3. the delivery cluster stops (immediate) with 20 sagas running: they keep
 #     retrying the ship step with connection errors, and complete once it is
 #     back, with one shipment each.
-#  4. a remote call that commits after its time-out is retried with the same
-#     key: the action ran once, and the retry returned its stored result.
+#  4. a remote call that commits after its time-out (its answer held back by
+#     a synchronous standby that never comes) is retried with the same key:
+#     the action ran once, and the retry returned its stored result.
 #  5. a step whose remote calls all time out without taking effect: outcome
 #     unknown, compensated through saga.compensate, which leaves a tombstone
 #     (the compensation function does not run) that refuses a late saga.invoke.
@@ -33,7 +34,8 @@ use SagaTest;
 
 my $orders = saga_node('orders');
 my $products = saga_node('products');
-my $delivery = saga_node('delivery');
+# delivery can wait for a synchronous standby (case 4): it needs WAL senders
+my $delivery = saga_node('delivery', init => { allows_streaming => 1 });
 wait_for_worker($orders);
 
 sub osql { return $orders->safe_psql('postgres', $_[0]); }
@@ -59,9 +61,6 @@ sub url_of
 # advisory lock of that number (held by the test to keep a call hanging).
 psql_p(q{
 CREATE ROLE svc_orders LOGIN;
--- a remote statement notices that the worker closed its connection (after a
--- time-out) and ends without committing
-ALTER ROLE svc_orders SET client_connection_check_interval = '100ms';
 CREATE SCHEMA shop;
 CREATE TABLE shop.stock (item text PRIMARY KEY, qty integer NOT NULL CHECK (qty >= 0));
 INSERT INTO shop.stock VALUES ('a', 20), ('b', 10), ('c', 10), ('d', 100), ('h', 5);
@@ -441,24 +440,29 @@ is(osql(qq{SELECT count(*) || ' ' || count(DISTINCT saga_id) FROM orders.confirm
 	'each order was confirmed once');
 
 # ===== 4. a remote call that commits after its time-out
-# ship.create does its work, then waits for a lock the test holds: the worker
-# gives up after 1s and retries with the same key while the first call is
-# still open; the retries wait for its key and time out too
-is(define_order('order_slow', undef, { timeout => '1s', max_attempts => 10 }), '1', 'a saga whose ship step has a 1s time-out');
-my $gate_d = $delivery->background_psql('postgres');
-$gate_d->query_safe('SELECT pg_advisory_lock(4242)');
+# delivery waits for a synchronous standby that does not exist: ship.create's
+# transaction is committed (its commit record flushed) but the answer never
+# comes back, and the worker gives up after 1s. The retries, with the same
+# key, wait for that transaction's key and time out too; the worker closes
+# their connections and the remote side rolls them back. Once the standby
+# requirement is lifted, the first transaction finishes and a retry gets its
+# stored result.
+is(define_order('order_slow', undef, { timeout => '1s', max_attempts => 20 }), '1', 'a saga whose ship step has a 1s time-out');
+psql_d(q{ALTER SYSTEM SET synchronous_standby_names = 'nobody'; SELECT pg_reload_conf();});
+$delivery->poll_query_until('postgres', q{SELECT current_setting('synchronous_standby_names') = 'nobody'})
+  or die 'delivery did not reload';
+# the worker's open connections may not have read the new setting yet: new ones will
+psql_d(q{SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = 'svc_orders'});
 my $calls_before = psql_d(q{SELECT last_value FROM ship.calls});
-my ($slow) = start_batch('c4', 'order_slow', 1, q{jsonb_build_object('item', 'b', 'n', 300, 'gate', 4242)});
+my ($slow) = start_batch('c4', 'order_slow', 1, q{jsonb_build_object('item', 'b', 'n', 300)});
 ok($orders->poll_query_until('postgres', qq{SELECT attempts >= 3 AND error = 'no answer from destination "delivery_db" within 1000 ms'
 		FROM saga.saga_steps WHERE saga_id = '$slow' AND step = 'ship'}),
 	'the ship call times out and is retried (3 attempts so far, "no answer ... within 1000 ms")');
 is(osql(qq{SELECT status FROM saga.sagas WHERE id = '$slow'}), 'running', 'the saga is still running');
-cmp_ok(psql_d(q{SELECT count(*) FROM pg_stat_activity WHERE usename = 'svc_orders' AND wait_event_type = 'Lock'}), '>=', 2,
-	'in delivery the first call waits at the gate and a later attempt waits for its key');
-is(psql_d(qq{SELECT count(*) FROM ship.effects WHERE saga_id = '$slow'}), '0', 'nothing is committed there yet');
-$gate_d->query_safe('SELECT pg_advisory_unlock(4242)');
-$gate_d->quit;
-ok(wait_status($slow, 'completed'), 'once the first call commits, a retry succeeds and the saga completes');
+cmp_ok(psql_d(q{SELECT count(*) FROM pg_stat_activity WHERE usename = 'svc_orders' AND wait_event = 'SyncRep'}), '>=', 1,
+	'in delivery the first call has committed and waits for the synchronous standby');
+psql_d(q{ALTER SYSTEM RESET synchronous_standby_names; SELECT pg_reload_conf();});
+ok(wait_status($slow, 'completed'), 'once the first call finishes, a retry succeeds and the saga completes');
 is(psql_d(qq{SELECT count(*) FROM ship.effects WHERE saga_id = '$slow'}) . ' '
 	  . psql_d(qq{SELECT count(*) FROM ship.shipments WHERE saga_id = '$slow'}),
 	'1 1', 'the shipment was created once');
@@ -475,7 +479,8 @@ is(psql_d(q{SELECT last_value FROM ship.calls}) - $calls_before, 1,
 
 # ===== 5. remote calls that time out without ever taking effect
 # shop.reserve waits at a gate after its update; when the worker closes the
-# connection, the remote statement ends (client_connection_check_interval)
+# connection, the remote statement ends (the worker's sessions set
+# client_connection_check_interval)
 # and rolls back: the action never happened in products
 is(define_order('order_hang', { timeout => '1s', max_attempts => 2 }), '1', 'a saga whose reserve step has a 1s time-out and 2 attempts');
 my $gate_p = $products->background_psql('postgres');
