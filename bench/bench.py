@@ -27,7 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pgconn import Conn, PgError  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BENCHMARKS = ["publish", "notify", "http", "latency", "growth", "sagas", "start", "saga_latency"]
+BENCHMARKS = ["publish", "notify", "http", "latency", "growth", "sagas", "start", "saga_latency",
+              "remote", "remote_latency"]
 
 SIZES = {
     "full": dict(publish_seconds=8, publish_rounds=5, notify_messages=100000, notify_rounds=2,
@@ -35,13 +36,13 @@ SIZES = {
                  latency_seconds=20, latency_rate=100, growth_messages=1000000, growth_batch=10000,
                  saga_count=20000, saga_seconds=10, start_seconds=8, start_rounds=3,
                  saga_latency_count=500, saga_latency_rate=50, dbos_workflows=3000,
-                 dbos_concurrency=16, dbos_rounds=2),
+                 dbos_concurrency=16, dbos_rounds=2, remote_messages=50000, remote_sagas=300),
     "quick": dict(publish_seconds=5, publish_rounds=2, notify_messages=20000, notify_rounds=1,
                   http_messages=5000, http_rounds=1, http_concurrency=64, wrk_seconds=5,
                   latency_seconds=5, latency_rate=100, growth_messages=200000, growth_batch=10000,
                   saga_count=3000, saga_seconds=5, start_seconds=5, start_rounds=1,
                   saga_latency_count=100, saga_latency_rate=50, dbos_workflows=500,
-                  dbos_concurrency=16, dbos_rounds=1),
+                  dbos_concurrency=16, dbos_rounds=1, remote_messages=10000, remote_sagas=100),
 }
 
 # a 200-byte business value and a 200-byte JSON payload
@@ -1026,6 +1027,124 @@ def bench_saga_latency(ctx):
             Row("saga latency p99", "%.2f ms" % p99, "-", None, "-", True)]
 
 
+def dest_url(cl):
+    """A postgresql:// URL for cl's database bench, over its Unix socket."""
+    return "postgresql:///bench?host=%s&port=%d&user=%s" % (cl.dir, cl.port, cl.user)
+
+
+REMOTE_BATCH = 500      # saga.batch_size: the worker's messages per statement
+
+
+def bench_remote(ctx):
+    o = ctx.opts
+    n = o.remote_messages
+    say("== remote delivery: %d committed messages (200-byte payloads) from one cluster's outbox"
+        " into another cluster's inbox (postgresql:// destination, trivial handler) vs one session"
+        " inserting the same rows into a table of that cluster, %d per statement" % (n, REMOTE_BATCH))
+    recv = ctx.cluster("remote_receiver")
+    r = recv.connect()
+    recv.setup_saga(r)
+    r.query("CREATE FUNCTION public.ignore(m jsonb) RETURNS void LANGUAGE sql AS 'SELECT NULL';"
+            "SELECT saga.handle('bench.*', 'public.ignore(jsonb)');"
+            "CREATE TABLE public.sink (id uuid PRIMARY KEY, topic text, payload jsonb, key text, headers jsonb)")
+    send = ctx.cluster("remote_sender")
+    c = send.connect()
+    send.setup_saga(c)
+    c.query("SELECT saga.create_destination('receiver', '%s');"
+            "SELECT saga.subscribe('bench.*', 'receiver')" % dest_url(recv))
+    # the baseline: the same rows, the same kind of connection, batches of the same size
+    rows = [(str(i), payload(i)) for i in range(n)]
+    b = recv.connect()
+    t0 = time.monotonic()
+    for i in range(0, n, REMOTE_BATCH):
+        chunk = rows[i:i + REMOTE_BATCH]
+        with b.conn.cursor() as cur:
+            cur.execute("INSERT INTO public.sink SELECT gen_random_uuid(), 'bench.row', p::jsonb, NULL, NULL"
+                        " FROM unnest(%s::text[]) p", ([p for _, p in chunk],))
+    base_rate = n / (time.monotonic() - t0)
+    b.close()
+    say("   baseline: %s rows/s" % fmt_int(base_rate))
+    # the outbox: n messages committed at once, then drained by the worker
+    c.query("BEGIN; SELECT count(saga.publish('bench.row', p::jsonb)) FROM unnest(ARRAY[%s]) p; COMMIT"
+            % ",".join("'%s'" % p.replace("'", "''") for _, p in rows))
+    t0 = time.monotonic()
+    wait_drained(c, 600)
+    delivered = time.monotonic() - t0
+    wait_until("every message to be handled", lambda: r.value(
+        "SELECT count(*) FROM saga.inbox_messages WHERE processed_at IS NOT NULL") == str(n), 600, 0.02)
+    handled = time.monotonic() - t0
+    check_outbox_empty(c)
+    got = r.value("SELECT count(DISTINCT message_id) FROM saga.inbox_messages")
+    if got != str(n):
+        raise BenchError("the receiver has %s distinct messages, not %d" % (got, n))
+    rate, hrate = n / delivered, n / handled
+    say("   saga: %s messages/s into the remote inbox, %s/s handled there" % (fmt_int(rate), fmt_int(hrate)))
+    r.close()
+    c.close()
+    return [Row("remote delivery", "%s msg/s" % fmt_int(rate), "%s rows/s" % fmt_int(base_rate),
+                rate / base_rate, ">= 0.50", rate / base_rate >= 0.5),
+            Row("remote, handled", "%s msg/s" % fmt_int(hrate), "%s rows/s" % fmt_int(base_rate),
+                hrate / base_rate, "-", True)]
+
+
+def bench_remote_latency(ctx):
+    o = ctx.opts
+    say("== remote saga latency: %d sagas one after another, each reserve (products cluster) ->"
+        " ship (delivery cluster) -> confirm (local); start COMMIT returned -> completed" % o.remote_sagas)
+    remote = {}
+    for name, fn in (("products", "shop.reserve"), ("delivery", "ship.create")):
+        cl = ctx.cluster("remote_" + name)
+        rc = cl.connect()
+        cl.setup_saga(rc)
+        schema = fn.split(".")[0]
+        rc.query("CREATE SCHEMA %s; CREATE TABLE %s.effects (saga uuid, at timestamptz DEFAULT clock_timestamp());"
+                 "CREATE FUNCTION %s(ctx jsonb) RETURNS jsonb LANGUAGE sql AS"
+                 " $$ INSERT INTO %s.effects (saga) VALUES ((ctx->>'saga_id')::uuid) RETURNING '{}'::jsonb $$"
+                 % (schema, schema, fn, schema))
+        remote[name] = (cl, rc)
+    cl = ctx.cluster("remote_orders")
+    c = cl.connect()
+    cl.setup_saga(c)
+    c.query("CREATE SCHEMA shop; CREATE TABLE shop.confirmed (saga uuid);"
+            "CREATE FUNCTION shop.confirm(ctx jsonb) RETURNS jsonb LANGUAGE sql AS"
+            " $$ INSERT INTO shop.confirmed VALUES ((ctx->>'saga_id')::uuid) RETURNING '{}'::jsonb $$;"
+            "SELECT saga.create_destination('products', '%s');"
+            "SELECT saga.create_destination('delivery', '%s');"
+            % (dest_url(remote["products"][0]), dest_url(remote["delivery"][0])))
+    c.query("""SELECT saga.define('order3', '{"steps": [
+        {"name": "reserve", "action": {"destination": "products", "function": "shop.reserve"}},
+        {"name": "ship", "action": {"destination": "delivery", "function": "ship.create"}},
+        {"name": "confirm", "action": "shop.confirm"}]}')""")
+    pub = cl.connect()
+    lat = []
+    for i in range(o.remote_sagas + 10):
+        sid = pub.value("SELECT saga.start('order3', '{}')")
+        returned = time.time()
+        wait_until("saga %s to complete" % sid, lambda: c.value(
+            "SELECT status FROM saga.instances WHERE id = '%s'" % sid) in ("completed", "failed", "compensated"),
+            60, 0.001)
+        status, fin = c.query("SELECT status, extract(epoch FROM finished_at) FROM saga.instances"
+                              " WHERE id = '%s'" % sid)[0]
+        if status != "completed":
+            raise BenchError("saga %s ended %s" % (sid, status))
+        if i >= 10:             # the first ones open the connections
+            lat.append((float(fin) - returned) * 1000)
+    for name, (rcl, rc) in remote.items():
+        got = rc.value("SELECT count(*) = count(DISTINCT saga) FROM %s.effects"
+                       % ("shop" if name == "products" else "ship"))
+        if got != "t":
+            raise BenchError("a remote effect in %s happened twice" % name)
+        rc.close()
+    lat.sort()
+    p50, p99 = percentile(lat, 50), percentile(lat, 99)
+    say("   start -> completed: p50 %.2f ms  p90 %.2f ms  p99 %.2f ms  max %.2f ms"
+        % (p50, percentile(lat, 90), p99, lat[-1]))
+    pub.close()
+    c.close()
+    return [Row("3-service saga latency p50", "%.2f ms" % p50, "-", None, "-", True),
+            Row("3-service saga latency p99", "%.2f ms" % p99, "-", None, "-", True)]
+
+
 def short(n):
     return "%dk" % (n // 1000) if n < 10**6 else "%gM" % (n / 10**6)
 
@@ -1070,7 +1189,8 @@ class Context:
 
 RUNNERS = {"publish": bench_publish, "notify": bench_notify, "http": bench_http,
            "latency": bench_latency, "growth": bench_growth, "sagas": bench_sagas,
-           "start": bench_start, "saga_latency": bench_saga_latency}
+           "start": bench_start, "saga_latency": bench_saga_latency,
+           "remote": bench_remote, "remote_latency": bench_remote_latency}
 
 
 def parse_args(argv):

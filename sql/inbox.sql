@@ -382,7 +382,6 @@ SELECT pg_temp.err($$INSERT INTO saga.inbox_messages (message_id, topic, payload
 SELECT pg_temp.err($$UPDATE saga.inbox_messages SET status = 'pending'$$);
 SELECT pg_temp.err($$SELECT * FROM saga.handlers$$);
 SELECT pg_temp.err($$INSERT INTO saga.handlers (pattern, handler, owner) VALUES ('*', 'public.inbox_record(jsonb)', 10)$$);
-SELECT pg_temp.err($$SELECT saga._receive(pg_temp.inbox_id(50), 'inbox.forged', '{}', NULL, NULL, NULL)$$);
 SELECT pg_temp.err($$SELECT saga._handle('*', '', 'public.inbox_record(jsonb)', 10)$$);
 SELECT pg_temp.err($$SELECT saga._unhandle('inbox.exact', 'public.inbox_exact(jsonb)', 10)$$);
 RESET ROLE;
@@ -405,7 +404,7 @@ SELECT pattern, handler FROM saga.handlers ORDER BY pattern, handler;
 SELECT p.oid::regprocedure AS function, has_function_privilege('public', p.oid, 'EXECUTE') AS public_execute,
        obj_description(p.oid, 'pg_proc') IS NOT NULL AS commented
 FROM pg_proc p WHERE p.pronamespace = 'saga'::regnamespace
-  AND p.proname IN ('receive', 'handle', 'unhandle', '_receive', '_handle', '_unhandle')
+  AND p.proname IN ('receive', 'handle', 'unhandle', '_handle', '_unhandle')
 ORDER BY p.proname;
 SELECT c.relname, has_table_privilege('public', c.oid, 'SELECT, INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER') AS public_any,
        obj_description(c.oid, 'pg_class') IS NOT NULL AS commented,

@@ -1247,15 +1247,6 @@ SELECT m.message_id, m.topic, m.key, m.source, m.status, m.received_at, m.proces
 FROM saga.inbox_messages m;
 COMMENT ON VIEW saga.inbox IS 'received messages: pending, processed by their handlers, or dead';
 
-CREATE FUNCTION saga._receive(message_id uuid, topic text, payload jsonb, key text, headers jsonb, source text)
-RETURNS boolean LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
-    WITH new AS (
-        INSERT INTO saga.inbox_messages (message_id, topic, key, payload, headers, source)
-        VALUES (message_id, topic, key, payload, headers, source)
-        ON CONFLICT ON CONSTRAINT inbox_messages_pkey DO NOTHING
-        RETURNING 1)
-    SELECT EXISTS (SELECT FROM new)
-$$;
 
 CREATE FUNCTION saga._handle(pattern text, prefix text, handler regprocedure, caller oid) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -1361,7 +1352,6 @@ RETURNS boolean LANGUAGE c AS 'MODULE_PATHNAME', 'saga_unhandle';
 COMMENT ON FUNCTION saga.receive(uuid, text, jsonb, text, jsonb, text) IS 'store a message for this database''s handlers in the current transaction; false if its id was received before';
 COMMENT ON FUNCTION saga.handle(text, regprocedure) IS 'call handler(message jsonb) once for every received message of a topic, as the current role';
 COMMENT ON FUNCTION saga.unhandle(text, regprocedure) IS 'stop calling a handler for a topic; false if it was not registered';
-COMMENT ON FUNCTION saga._receive(uuid, text, jsonb, text, jsonb, text) IS 'internal: saga.receive() as the extension owner';
 COMMENT ON FUNCTION saga._handle(text, text, regprocedure, oid) IS 'internal: saga.handle() as the extension owner';
 COMMENT ON FUNCTION saga._unhandle(text, regprocedure, oid) IS 'internal: saga.unhandle() as the extension owner';
 COMMENT ON FUNCTION saga._inbox_claim(integer) IS 'internal (worker): lock due inbox messages with their handlers';

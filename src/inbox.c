@@ -30,19 +30,24 @@ PG_FUNCTION_INFO_V1(saga_receive);
 PG_FUNCTION_INFO_V1(saga_handle);
 PG_FUNCTION_INFO_V1(saga_unhandle);
 
+/*
+ * Store a received message, unless its id was received before. Senders call
+ * this for every message of a batch: the insert is prepared once per session,
+ * with a generic plan.
+ */
 Datum
 saga_receive(PG_FUNCTION_ARGS)
 {
+	static SPIPlanPtr plan = NULL;
 	char	   *topic;
 	Jsonb	   *payload;
 	text	   *key;
 	Jsonb	   *headers;
 	SagaOwnerContext oc;
-	Oid			types[6] = {UUIDOID, TEXTOID, JSONBOID, TEXTOID, JSONBOID, TEXTOID};
 	Datum		values[6];
 	char		nulls[6] = "      ";
-	bool		isnull;
 	bool		new;
+	int			rc;
 
 	saga_require_arg(fcinfo, 0, "message id");
 	/* topic, payload, key and headers are checked as publish checks them */
@@ -56,17 +61,31 @@ saga_receive(PG_FUNCTION_ARGS)
 	}
 	values[0] = PG_GETARG_DATUM(0);
 	values[1] = CStringGetTextDatum(topic);
-	values[2] = JsonbPGetDatum(payload);
-	values[3] = key ? PointerGetDatum(key) : (Datum) 0;
-	nulls[3] = key ? ' ' : 'n';
+	values[2] = key ? PointerGetDatum(key) : (Datum) 0;
+	nulls[2] = key ? ' ' : 'n';
+	values[3] = JsonbPGetDatum(payload);
 	values[4] = headers ? JsonbPGetDatum(headers) : (Datum) 0;
 	nulls[4] = headers ? ' ' : 'n';
 	values[5] = PG_ARGISNULL(5) ? (Datum) 0 : PG_GETARG_DATUM(5);
 	nulls[5] = PG_ARGISNULL(5) ? 'n' : ' ';
 
 	saga_begin_as_owner(&oc, true);
-	saga_run_sql("SELECT saga._receive($1, $2, $3, $4, $5, $6)", 6, types, values, nulls, false);
-	new = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	if (plan == NULL)
+	{
+		Oid			types[6] = {UUIDOID, TEXTOID, TEXTOID, JSONBOID, JSONBOID, TEXTOID};
+
+		plan = SPI_prepare_cursor("INSERT INTO saga.inbox_messages (message_id, topic, key, payload,"
+								  " headers, source) VALUES ($1, $2, $3, $4, $5, $6)"
+								  " ON CONFLICT ON CONSTRAINT inbox_messages_pkey DO NOTHING",
+								  6, types, CURSOR_OPT_GENERIC_PLAN);
+		if (plan == NULL)
+			elog(ERROR, "SPI_prepare failed for saga.receive: %s", SPI_result_code_string(SPI_result));
+		SPI_keepplan(plan);
+	}
+	rc = SPI_execute_plan(plan, values, nulls, false, 0);
+	if (rc != SPI_OK_INSERT)
+		elog(ERROR, "saga.receive: insert into the inbox failed: %s", SPI_result_code_string(rc));
+	new = (SPI_processed == 1);
 	saga_end_as_owner(&oc);
 	if (new)
 		saga_wake_at_commit(0);
