@@ -33,7 +33,9 @@ PG_FUNCTION_INFO_V1(saga_unhandle);
 /*
  * Store a received message, unless its id was received before. Senders call
  * this for every message of a batch: the insert is prepared once per session,
- * with a generic plan.
+ * with a generic plan, and names everything with its schema, so it runs under
+ * the caller's search_path (pinning it costs a search-path recomputation per
+ * call), as saga.publish does.
  */
 Datum
 saga_receive(PG_FUNCTION_ARGS)
@@ -69,7 +71,7 @@ saga_receive(PG_FUNCTION_ARGS)
 	values[5] = PG_ARGISNULL(5) ? (Datum) 0 : PG_GETARG_DATUM(5);
 	nulls[5] = PG_ARGISNULL(5) ? 'n' : ' ';
 
-	saga_begin_as_owner(&oc, true);
+	saga_begin_as_owner(&oc, false);
 	if (plan == NULL)
 	{
 		Oid			types[6] = {UUIDOID, TEXTOID, TEXTOID, JSONBOID, JSONBOID, TEXTOID};
