@@ -266,11 +266,23 @@ run_cycle(bool sweep_retained, bool reread, TimestampTz *next_due)
 		}
 		else if (dest->kind == SAGA_DEST_POSTGRESQL)
 		{
-			/* each connection carries up to a batch of messages at once */
+			/*
+			 * A batch per connection: claim them all now, so that the
+			 * connections work in parallel rather than one batch a cycle.
+			 */
 			int			room = dest->concurrency * saga_batch_size - saga_pg_in_flight(pg, dest->name);
-			int			want = Min(room, saga_batch_size);
+			int			claimed = 0;
 
-			if (room <= 0 || saga_outbox_claim_pg(pg, dest, want) == want)
+			while (room > 0)
+			{
+				int			want = Min(room, saga_batch_size);
+
+				claimed = saga_outbox_claim_pg(pg, dest, want);
+				room -= claimed;
+				if (claimed < want)
+					break;
+			}
+			if (room <= 0)
 				continue;
 		}
 		*next_due = earliest(*next_due, saga_outbox_next_due(dest));
