@@ -1305,43 +1305,6 @@ BEGIN
 END
 $$;
 
--- The worker: due messages, locked, each with its envelope and the handlers
--- whose pattern matches its topic (in registration order).
-CREATE FUNCTION saga._inbox_claim(lim integer)
-RETURNS TABLE (message_id uuid, envelope jsonb, handlers oid[], owners oid[])
-LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
-    SELECT m.message_id,
-           jsonb_build_object('id', m.message_id, 'topic', m.topic, 'key', m.key,
-                              'payload', m.payload, 'headers', m.headers, 'source', m.source),
-           h.handlers, h.owners
-    FROM saga.inbox_messages m,
-         LATERAL (SELECT coalesce(array_agg(x.handler::oid ORDER BY x.created_at, x.handler), '{}') AS handlers,
-                         coalesce(array_agg(x.owner ORDER BY x.created_at, x.handler), '{}') AS owners
-                  FROM saga.handlers x
-                  WHERE x.pattern = m.topic OR starts_with(m.topic, x.prefix)) h
-    WHERE m.status = 'pending' AND m.next_attempt_at <= now()
-    ORDER BY m.next_attempt_at, m.seq
-    LIMIT lim
-    FOR UPDATE OF m SKIP LOCKED
-$$;
-
--- The worker: record how handling a message went (error NULL: processed).
--- A failure is retried after 1 s, 2 s, 4 s ... (with jitter, at most 5
--- minutes); the 10th failure makes the message dead.
-CREATE FUNCTION saga._inbox_done(message_id uuid, error text) RETURNS void
-LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
-    UPDATE saga.inbox_messages m
-    SET attempts = m.attempts + 1,
-        status = CASE WHEN error IS NULL THEN 'processed'
-                      WHEN m.attempts + 1 >= 10 THEN 'dead' ELSE 'pending' END,
-        processed_at = CASE WHEN error IS NULL THEN clock_timestamp() END,
-        last_error = error,
-        next_attempt_at = CASE WHEN error IS NULL THEN m.next_attempt_at
-            ELSE clock_timestamp() + least(interval '5 minutes',
-                 make_interval(secs => power(2, least(m.attempts, 20)) * (0.75 + random() / 2))) END
-    WHERE m.message_id = _inbox_done.message_id
-$$;
-
 CREATE FUNCTION saga.receive(message_id uuid, topic text, payload jsonb, key text DEFAULT NULL,
     headers jsonb DEFAULT NULL, source text DEFAULT NULL)
 RETURNS boolean LANGUAGE c AS 'MODULE_PATHNAME', 'saga_receive';
@@ -1354,8 +1317,6 @@ COMMENT ON FUNCTION saga.handle(text, regprocedure) IS 'call handler(message jso
 COMMENT ON FUNCTION saga.unhandle(text, regprocedure) IS 'stop calling a handler for a topic; false if it was not registered';
 COMMENT ON FUNCTION saga._handle(text, text, regprocedure, oid) IS 'internal: saga.handle() as the extension owner';
 COMMENT ON FUNCTION saga._unhandle(text, regprocedure, oid) IS 'internal: saga.unhandle() as the extension owner';
-COMMENT ON FUNCTION saga._inbox_claim(integer) IS 'internal (worker): lock due inbox messages with their handlers';
-COMMENT ON FUNCTION saga._inbox_done(uuid, text) IS 'internal (worker): record a message processed, or a failed attempt';
 
 -- ---------- Maintenance ----------
 

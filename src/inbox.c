@@ -149,7 +149,7 @@ saga_unhandle(PG_FUNCTION_ARGS)
 
 /* ---------- the worker's side ---------- */
 
-/* a claimed message: its envelope and the handlers to call */
+/* a claimed message: its envelope, the handlers to call, and the outcome */
 typedef struct InboxMessage
 {
 	pg_uuid_t	id;
@@ -157,13 +157,51 @@ typedef struct InboxMessage
 	int			nhandlers;
 	Oid		   *handlers;
 	Oid		   *owners;
+	char	   *error;			/* NULL: handled */
 } InboxMessage;
+
+/*
+ * Due messages, locked, each with its envelope and the handlers whose pattern
+ * matches its topic, in registration order.
+ */
+#define CLAIM_SQL \
+	"SELECT m.message_id," \
+	"       jsonb_build_object('id', m.message_id, 'topic', m.topic, 'key', m.key," \
+	"                          'payload', m.payload, 'headers', m.headers, 'source', m.source)," \
+	"       h.handlers, h.owners" \
+	" FROM saga.inbox_messages m," \
+	"      LATERAL (SELECT coalesce(array_agg(x.handler::oid ORDER BY x.created_at, x.handler), '{}') AS handlers," \
+	"                      coalesce(array_agg(x.owner ORDER BY x.created_at, x.handler), '{}') AS owners" \
+	"               FROM saga.handlers x" \
+	"               WHERE x.pattern = m.topic OR starts_with(m.topic, x.prefix)) h" \
+	" WHERE m.status = 'pending' AND m.next_attempt_at <= now()" \
+	" ORDER BY m.next_attempt_at, m.seq" \
+	" LIMIT $1" \
+	" FOR UPDATE OF m SKIP LOCKED"
+
+/*
+ * How handling went, for a whole batch in one statement. A failure is
+ * retried after 1 s, 2 s, 4 s ... (with jitter, at most 5 minutes); the 10th
+ * failure makes the message dead.
+ */
+#define DONE_SQL \
+	"UPDATE saga.inbox_messages m" \
+	" SET attempts = m.attempts + 1," \
+	"     status = CASE WHEN d.error IS NULL THEN 'processed'" \
+	"                   WHEN m.attempts + 1 >= 10 THEN 'dead' ELSE 'pending' END," \
+	"     processed_at = CASE WHEN d.error IS NULL THEN clock_timestamp() END," \
+	"     last_error = d.error," \
+	"     next_attempt_at = CASE WHEN d.error IS NULL THEN m.next_attempt_at" \
+	"         ELSE clock_timestamp() + least(interval '5 minutes'," \
+	"              make_interval(secs => power(2, least(m.attempts, 20)) * (0.75 + random() / 2))) END" \
+	" FROM ROWS FROM (unnest($1::uuid[]), unnest($2::text[])) AS d (message_id, error)" \
+	" WHERE m.message_id = d.message_id"
 
 static SPIPlanPtr claim_plan = NULL;
 static SPIPlanPtr done_plan = NULL;
 
 
-/* Row i of the last SPI result (saga._inbox_claim), copied into cxt. */
+/* Row i of the last SPI result (CLAIM_SQL), copied into cxt. */
 static InboxMessage *
 message_from_row(uint64 i, MemoryContext cxt)
 {
@@ -192,32 +230,48 @@ message_from_row(uint64 i, MemoryContext cxt)
 	return m;
 }
 
-/* Record a message processed (error NULL) or a failed attempt. */
+/* Record the outcomes of a batch of messages in one statement. */
 static void
-record_done(InboxMessage *m, const char *error)
+record_done(List *messages)
 {
+	int			n = list_length(messages);
+	Datum	   *ids = palloc(sizeof(Datum) * n);
+	Datum	   *errors = palloc(sizeof(Datum) * n);
+	bool	   *error_nulls = palloc(sizeof(bool) * n);
+	int			dims[1] = {n};
+	int			lbs[1] = {1};
 	Datum		values[2];
-	char		nulls[2] = "  ";
+	int			i = 0;
+	ListCell   *lc;
 	int			rc;
 
 	if (done_plan == NULL)
 	{
-		Oid			types[2] = {UUIDOID, TEXTOID};
+		Oid			types[2] = {UUIDARRAYOID, TEXTARRAYOID};
 
-		done_plan = saga_prepare_kept("SELECT saga._inbox_done($1, $2)", 2, types);
+		/* custom plans: a generic one would not know the arrays are short */
+		done_plan = saga_prepare_kept_custom(DONE_SQL, 2, types);
 	}
-	values[0] = UUIDPGetDatum(&m->id);
-	if (error)
-		values[1] = CStringGetTextDatum(error);
-	else
-		nulls[1] = 'n';
-	rc = SPI_execute_plan(done_plan, values, nulls, false, 0);
-	if (rc != SPI_OK_SELECT)
-		elog(ERROR, "saga._inbox_done failed: %s", SPI_result_code_string(rc));
+	foreach(lc, messages)
+	{
+		InboxMessage *m = lfirst(lc);
+
+		ids[i] = UUIDPGetDatum(&m->id);
+		error_nulls[i] = (m->error == NULL);
+		errors[i] = m->error ? CStringGetTextDatum(m->error) : (Datum) 0;
+		i++;
+	}
+	values[0] = PointerGetDatum(construct_array(ids, n, UUIDOID, UUID_LEN, false, TYPALIGN_CHAR));
+	values[1] = PointerGetDatum(construct_md_array(errors, error_nulls, 1, dims, lbs,
+												   TEXTOID, -1, false, TYPALIGN_INT));
+	rc = SPI_execute_plan(done_plan, values, NULL, false, 0);
+	if (rc != SPI_OK_UPDATE || SPI_processed != (uint64) n)
+		elog(ERROR, "saga: recording %d handled inbox messages failed: %s",
+			 n, SPI_result_code_string(rc));
 }
 
 /*
- * Call the handlers of one message in a subtransaction; the outcome is
+ * Call the handlers of one message in a subtransaction. The outcome is
  * recorded afterwards, in the worker's transaction, which holds the row's
  * lock (recording it in the subtransaction would make the row version need
  * a MultiXact).
@@ -227,7 +281,6 @@ handle_message(InboxMessage *m, MemoryContext cxt)
 {
 	MemoryContext oldcxt = CurrentMemoryContext;
 	ResourceOwner oldowner = CurrentResourceOwner;
-	char	   *error = NULL;
 
 	BeginInternalSubTransaction(NULL);
 	MemoryContextSwitchTo(oldcxt);
@@ -253,15 +306,14 @@ handle_message(InboxMessage *m, MemoryContext cxt)
 		FlushErrorState();
 		RollbackAndReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(cxt);
-		error = psprintf("%s (SQLSTATE %s)", edata->message ? edata->message : "unknown error",
-						 unpack_sql_state(edata->sqlerrcode));
+		m->error = psprintf("%s (SQLSTATE %s)", edata->message ? edata->message : "unknown error",
+							unpack_sql_state(edata->sqlerrcode));
 		FreeErrorData(edata);
 		MemoryContextSwitchTo(oldcxt);
 		CurrentResourceOwner = oldowner;
-		ereport(DEBUG1, (errmsg("saga: handling an inbox message failed: %s", error)));
+		ereport(DEBUG1, (errmsg("saga: handling an inbox message failed: %s", m->error)));
 	}
 	PG_END_TRY();
-	record_done(m, error);
 }
 
 /*
@@ -281,20 +333,22 @@ saga_inbox_run(int limit)
 	{
 		Oid			types[1] = {INT4OID};
 
-		claim_plan = saga_prepare_kept("SELECT * FROM saga._inbox_claim($1)", 1, types);
+		claim_plan = saga_prepare_kept_custom(CLAIM_SQL, 1, types);
 	}
 	values[0] = Int32GetDatum(limit);
 	rc = SPI_execute_plan(claim_plan, values, NULL, false, 0);
 	if (rc != SPI_OK_SELECT)
-		elog(ERROR, "saga._inbox_claim failed: %s", SPI_result_code_string(rc));
+		elog(ERROR, "saga: claiming inbox messages failed: %s", SPI_result_code_string(rc));
 	for (uint64 i = 0; i < SPI_processed; i++)
 		messages = lappend(messages, message_from_row(i, cxt));
+	if (messages == NIL)
+		return 0;
 
 	/* handlers' effects are seen once committed: never undo them in a crash */
-	if (messages != NIL)
-		ForceSyncCommit();
+	ForceSyncCommit();
 	foreach(lc, messages)
 		handle_message(lfirst(lc), cxt);
+	record_done(messages);
 	return list_length(messages);
 }
 

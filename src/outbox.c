@@ -55,6 +55,13 @@ saga_prepare_kept(const char *sql, int nargs, Oid *argtypes)
 	return prepare_kept_with(sql, nargs, argtypes, 0);
 }
 
+/* The same, planned for the arguments of each execution. */
+SPIPlanPtr
+saga_prepare_kept_custom(const char *sql, int nargs, Oid *argtypes)
+{
+	return prepare_kept_with(sql, nargs, argtypes, CURSOR_OPT_CUSTOM_PLAN);
+}
+
 /* The timestamp a one-row, one-column read-only query returns; 0 for NULL. */
 TimestampTz
 saga_query_timestamp(const char *sql, const char *what)
@@ -82,7 +89,7 @@ saga_outbox_extension_present(void)
 void
 saga_outbox_reconcile(void)
 {
-	int			rc = SPI_execute("UPDATE saga.queue SET lease_until = NULL "
+	int			rc = SPI_execute("UPDATE saga.queue SET lease_until = NULL, next_attempt_at = now() "
 								 "WHERE lease_until IS NOT NULL AND status = 'pending'",
 								 false, 0);
 
@@ -431,6 +438,15 @@ enum
 };
 
 /*
+ * When a claim made now expires: the request's time-out and a margin. A
+ * claimed row is next due then (next_attempt_at), which also keeps the rows
+ * in flight out of the way of the next claim's index scan.
+ */
+#define LEASE_END \
+	"(now() + (coalesce((q.saga_call ->> 'timeout_ms')::int4, $3) + " LEASE_MARGIN_MS ")" \
+	" * interval '1 millisecond')"
+
+/*
  * Claim up to limit due rows of a destination: a lease (attempts
  * incremented, lease_until set) that outlives the request, so a crash leaves
  * nothing stuck. The rows are left in SPI_tuptable; the requests built from
@@ -452,8 +468,7 @@ claim_due(SagaDestination *dest, int limit)
 
 		plan = prepare_kept_with(
 							"UPDATE saga.queue q"
-							" SET lease_until = now() + (coalesce((q.saga_call ->> 'timeout_ms')::int4, $3)"
-							"       + " LEASE_MARGIN_MS ") * interval '1 millisecond',"
+							" SET lease_until = " LEASE_END ", next_attempt_at = " LEASE_END ","
 							"     attempts = q.attempts + 1"
 							" WHERE q.ctid = ANY (ARRAY(" DUE_HEADS("$2") "))"
 							"   AND q.status = 'pending'"

@@ -56,7 +56,7 @@
 #define SAGAS_PER_TRANSACTION	20
 #define SAGA_BATCHES_PER_CYCLE	25
 /* the same for inbox messages: one subtransaction each */
-#define INBOX_MESSAGES_PER_TRANSACTION	20
+#define INBOX_MESSAGES_PER_TRANSACTION	50
 #define INBOX_BATCHES_PER_CYCLE	25
 
 #define RETENTION_SWEEP_MS	60000

@@ -81,7 +81,7 @@ SELECT functions_are('saga', ARRAY['create_destination', 'drop_destination', 'su
 								   '_lock', '_check_compensation', '_step', '_complete', '_abort', '_retry',
 								   '_get', '_status', '_next', '_claim', '_succeeded', '_failed', '_send', '_received',
 								   'purge', 'schedule_maintenance', 'unschedule_maintenance', '_purge', '_sweep_deadlines',
-								   'receive', 'handle', 'unhandle', '_handle', '_unhandle', '_inbox_claim', '_inbox_done']);
+								   'receive', 'handle', 'unhandle', '_handle', '_unhandle']);
 SELECT has_function('saga', 'create_destination', ARRAY['text', 'text', 'jsonb']);
 SELECT has_function('saga', 'drop_destination', ARRAY['text']);
 SELECT has_function('saga', 'subscribe', ARRAY['text', 'text']);
