@@ -264,7 +264,7 @@ record_done(List *messages)
 	values[0] = PointerGetDatum(construct_array(ids, n, UUIDOID, UUID_LEN, false, TYPALIGN_CHAR));
 	values[1] = PointerGetDatum(construct_md_array(errors, error_nulls, 1, dims, lbs,
 												   TEXTOID, -1, false, TYPALIGN_INT));
-	rc = SPI_execute_plan(done_plan, values, NULL, false, 0);
+	rc = saga_execute_confined(done_plan, values, NULL);
 	if (rc != SPI_OK_UPDATE || SPI_processed != (uint64) n)
 		elog(ERROR, "saga: recording %d handled inbox messages failed: %s",
 			 n, SPI_result_code_string(rc));
@@ -336,7 +336,7 @@ saga_inbox_run(int limit)
 		claim_plan = saga_prepare_kept_custom(CLAIM_SQL, 1, types);
 	}
 	values[0] = Int32GetDatum(limit);
-	rc = SPI_execute_plan(claim_plan, values, NULL, false, 0);
+	rc = saga_execute_confined(claim_plan, values, NULL);
 	if (rc != SPI_OK_SELECT)
 		elog(ERROR, "saga: claiming inbox messages failed: %s", SPI_result_code_string(rc));
 	for (uint64 i = 0; i < SPI_processed; i++)

@@ -8,6 +8,7 @@
  */
 #include "saga.h"
 
+#include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "commands/async.h"
 #include "commands/extension.h"
@@ -16,6 +17,7 @@
 #include "utils/array.h"
 #include "storage/itemptr.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
 #include "utils/json.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
@@ -60,6 +62,30 @@ SPIPlanPtr
 saga_prepare_kept_custom(const char *sql, int nargs, Oid *argtypes)
 {
 	return prepare_kept_with(sql, nargs, argtypes, CURSOR_OPT_CUSTOM_PLAN);
+}
+
+/*
+ * Execute a kept plan that picks rows of a queue table (outbox or inbox)
+ * with the planner confined to index and TID scans, without sorts. These
+ * tables swing between empty and huge faster than their statistics follow:
+ * planned on statistics from an empty moment, "the next due rows" becomes a
+ * sort of the whole table, "these tuple ids" a scan of every pending row,
+ * once per batch. The plans are custom, so each execution is planned here.
+ */
+int
+saga_execute_confined(SPIPlanPtr plan, Datum *values, const char *nulls)
+{
+	/* jit too: the cost of a disabled plan type would call for compiling */
+	static const char *const disabled[] = {"enable_seqscan", "enable_bitmapscan", "enable_sort", "jit"};
+	int			nest_level = NewGUCNestLevel();
+	int			rc;
+
+	for (int i = 0; i < lengthof(disabled); i++)
+		(void) set_config_option(disabled[i], "off", PGC_USERSET, PGC_S_SESSION,
+								 GUC_ACTION_SAVE, true, 0, false);
+	rc = SPI_execute_plan(plan, values, nulls, false, 0);
+	AtEOXact_GUC(true, nest_level);
+	return rc;
 }
 
 /* The timestamp a one-row, one-column read-only query returns; 0 for NULL. */
@@ -189,7 +215,9 @@ saga_outbox_destinations(void)
  * The due messages a destination may be sent now, oldest due first: a keyed
  * message only when no earlier message with its key is pending, so it never
  * overtakes one, even while that one waits for a retry. Rows leased to a
- * request in flight are not due.
+ * request in flight are not due. A statement that takes these tuple ids
+ * needs no second look at the status: a row changed since this snapshot
+ * has another tuple id, and the change is not followed.
  */
 #define DUE_HEADS(limit) \
 	"SELECT c.ctid FROM saga.queue c" \
@@ -328,7 +356,6 @@ saga_outbox_dispatch_notify(SagaDestination *dest, int limit)
 		plan = prepare_kept_with(
 							"DELETE FROM saga.queue q"
 							" WHERE q.ctid = ANY (ARRAY(" DUE_HEADS("$2") "))"
-							"   AND q.status = 'pending'"
 							" RETURNING q.seq, jsonb_build_object('id', q.message_id, 'topic', q.topic,"
 							"   'key', q.key, 'payload', q.payload, 'headers', q.headers)::text,"
 							"   q.published_at",
@@ -342,7 +369,7 @@ saga_outbox_dispatch_notify(SagaDestination *dest, int limit)
 		int			rc;
 
 		args[1] = Int32GetDatum(limit - sent);
-		rc = SPI_execute_plan(plan, args, NULL, false, 0);
+		rc = saga_execute_confined(plan, args, NULL);
 		if (rc != SPI_OK_DELETE_RETURNING)
 			elog(ERROR, "saga: NOTIFY dispatch failed: %s", SPI_result_code_string(rc));
 		n = SPI_processed;
@@ -471,7 +498,6 @@ claim_due(SagaDestination *dest, int limit)
 							" SET lease_until = " LEASE_END ", next_attempt_at = " LEASE_END ","
 							"     attempts = q.attempts + 1"
 							" WHERE q.ctid = ANY (ARRAY(" DUE_HEADS("$2") "))"
-							"   AND q.status = 'pending'"
 							" RETURNING q.message_id, q.attempts, q.topic, q.payload::text,"
 							"   ARRAY(SELECT h.key || ': ' || h.value FROM jsonb_each_text(q.headers) h),"
 							"   q.ctid, q.saga_call ->> 'key', q.saga_call ->> 'path',"
@@ -482,7 +508,7 @@ claim_due(SagaDestination *dest, int limit)
 	args[0] = CStringGetTextDatum(dest->name);
 	args[1] = Int32GetDatum(limit);
 	args[2] = Int32GetDatum(dest->timeout_ms);
-	rc = SPI_execute_plan(plan, args, NULL, false, 0);
+	rc = saga_execute_confined(plan, args, NULL);
 	if (rc != SPI_OK_UPDATE_RETURNING)
 		elog(ERROR, "saga: claim failed: %s", SPI_result_code_string(rc));
 	return SPI_processed;
@@ -500,6 +526,7 @@ fill_request(SagaRequest *req, SagaDestination *dest, HeapTuple tup, TupleDesc d
 	req->attempt = get_int4(tup, desc, CLAIMED_ATTEMPTS);
 	ItemPointerCopy((ItemPointer) DatumGetPointer(SPI_getbinval(tup, desc, CLAIMED_TID, &isnull)),
 					&req->tid);
+	req->claim_xid = GetCurrentTransactionId();
 	req->destination = pstrdup(dest->name);
 	req->url = pstrdup(dest->target);
 	req->body = get_text(tup, desc, CLAIMED_PAYLOAD);
@@ -682,117 +709,110 @@ saga_outbox_record(List *requests)
 }
 
 /*
- * Record the outcomes of messages in one statement. Rows are found by the
- * tuple id the claim returned, and must still carry the claimed message and
- * attempt: a claim that was lost (lease expired and claimed again, row
- * moved) no longer matches and is left alone, to be retried.
+ * Record the outcomes of messages. A row is found by the tuple id the claim
+ * returned and must still be the version the claim wrote (its xmin): a claim
+ * that was lost (row updated or moved since) no longer matches and is left
+ * alone, to be retried.
+ *
+ * Deliveries are deleted in one statement, failures updated one statement
+ * each (they come a batch at a time, then wait for their backoff). Neither
+ * joins the queue to the outcomes: the queue's statistics swing between
+ * empty and huge, and a join planned on a wrong guess can scan the whole
+ * queue once per outcome. The tuple ids are handed over through a subquery,
+ * so the planner does not know how many there are: given hundreds, it would
+ * prefer a sequential scan of the whole queue to a TID scan.
  */
 static SagaRecordCounts
 record_messages(List *requests)
 {
-	static SPIPlanPtr plan = NULL;
+	static SPIPlanPtr delivered_plan = NULL;
+	static SPIPlanPtr failed_plan = NULL;
 	SagaRecordCounts counts = {0, 0, 0};
 	int			n = list_length(requests);
-	Datum	   *tids,
-			   *ids,
-			   *attempts,
-			   *outcomes,
-			   *delays,
-			   *errors,
-			   *statuses;
-	bool	   *status_nulls,
-			   *error_nulls;
-	int			dims[1] = {n};
-	int			lbs[1] = {1};
-	Datum		args[7];
+	Datum	   *tids = palloc(sizeof(Datum) * Max(n, 1));
+	Datum	   *xids = palloc(sizeof(Datum) * Max(n, 1));
+	int			nxids = 0;
 	ListCell   *lc;
-	int			i = 0;
 	int			rc;
 
 	if (n == 0)
 		return counts;
-	if (plan == NULL)
+	if (delivered_plan == NULL)
 	{
-		Oid			types[7] = {TIDARRAYOID, UUIDARRAYOID, INT4ARRAYOID, INT4ARRAYOID,
-		FLOAT8ARRAYOID, TEXTARRAYOID, INT4ARRAYOID};
+		Oid			dtypes[2] = {TIDARRAYOID, XIDARRAYOID};
+		Oid			ftypes[6] = {TIDOID, XIDOID, BOOLOID, FLOAT8OID, TEXTOID, INT4OID};
 
-		plan = prepare_kept_with(
-							"WITH u AS ("
-							"  SELECT * FROM unnest($1, $2, $3, $4, $5, $6, $7)"
-							"    AS u(tid, message_id, attempts, outcome, delay, error, http_status)),"
-							" delivered AS ("
-							"  DELETE FROM saga.queue q USING u"
-							"  WHERE q.ctid = u.tid AND u.outcome = 0"
-							"    AND q.message_id = u.message_id AND q.attempts = u.attempts"
-							"    AND q.status = 'pending'"
-							"  RETURNING 1),"
-							" failed AS ("
-							"  UPDATE saga.queue q SET lease_until = NULL,"
-							"    status = CASE WHEN u.outcome = 2 THEN 'dead' ELSE 'pending' END,"
-							"    next_attempt_at = CASE WHEN u.outcome = 2 THEN q.next_attempt_at"
-							"      ELSE now() + u.delay * interval '1 second' END,"
-							"    finished_at = CASE WHEN u.outcome = 2 THEN now() END,"
-							"    last_error = u.error, last_status = u.http_status"
-							"  FROM u"
-							"  WHERE q.ctid = u.tid AND u.outcome <> 0"
-							"    AND q.message_id = u.message_id AND q.attempts = u.attempts"
-							"    AND q.status = 'pending'"
-							"  RETURNING 1)"
-							" SELECT (SELECT count(*) FROM delivered), (SELECT count(*) FROM failed)",
-							7, types, CURSOR_OPT_CUSTOM_PLAN);
+		delivered_plan = prepare_kept_with(
+							"DELETE FROM saga.queue q"
+							" WHERE q.ctid = ANY (ARRAY(SELECT pg_catalog.unnest($1))) AND q.xmin = ANY ($2)",
+							2, dtypes, CURSOR_OPT_CUSTOM_PLAN);
+		failed_plan = saga_prepare_kept(
+							"UPDATE saga.queue q SET lease_until = NULL,"
+							"  status = CASE WHEN $3 THEN 'dead' ELSE 'pending' END,"
+							"  next_attempt_at = CASE WHEN $3 THEN now() ELSE now() + $4 * interval '1 second' END,"
+							"  finished_at = CASE WHEN $3 THEN now() END,"
+							"  last_error = $5, last_status = $6"
+							" WHERE q.ctid = $1 AND q.xmin = $2",
+							6, ftypes);
 	}
-
-	tids = palloc(sizeof(Datum) * n);
-	ids = palloc(sizeof(Datum) * n);
-	attempts = palloc(sizeof(Datum) * n);
-	outcomes = palloc(sizeof(Datum) * n);
-	delays = palloc(sizeof(Datum) * n);
-	errors = palloc(sizeof(Datum) * n);
-	statuses = palloc(sizeof(Datum) * n);
-	status_nulls = palloc(sizeof(bool) * n);
-	error_nulls = palloc(sizeof(bool) * n);
 
 	foreach(lc, requests)
 	{
 		SagaRequest *req = lfirst(lc);
 		SagaOutcome outcome = req->outcome;
+		Datum		args[6];
+		char		nulls[6] = "      ";
 		double		delay = 0;
 
+		if (outcome == SAGA_OUTCOME_DELIVERED)
+		{
+			bool		seen = false;
+
+			tids[counts.delivered++] = PointerGetDatum(&req->tid);
+			for (int j = 0; j < nxids && !seen; j++)
+				seen = (DatumGetTransactionId(xids[j]) == req->claim_xid);
+			if (!seen)
+				xids[nxids++] = TransactionIdGetDatum(req->claim_xid);
+			continue;
+		}
 		if (outcome == SAGA_OUTCOME_RETRY && req->attempt >= req->max_attempts)
 			outcome = SAGA_OUTCOME_DEAD;
 		if (outcome == SAGA_OUTCOME_RETRY)
+		{
 			delay = req->retry_after_s >= 0 ? (double) req->retry_after_s :
 				saga_backoff_ms(req->attempt, req->backoff_ms, req->max_backoff_ms) / 1000.0;
-
-		tids[i] = PointerGetDatum(&req->tid);
-		ids[i] = UUIDPGetDatum(&req->message_id);
-		attempts[i] = Int32GetDatum(req->attempt);
-		outcomes[i] = Int32GetDatum((int) outcome);
-		delays[i] = Float8GetDatum(delay);
-		error_nulls[i] = (req->error == NULL);
-		errors[i] = req->error ? CStringGetTextDatum(valid_text(req->error)) : (Datum) 0;
-		status_nulls[i] = (req->status == 0);
-		statuses[i] = Int32GetDatum((int32) req->status);
-		if (outcome == SAGA_OUTCOME_DELIVERED)
-			counts.delivered++;
-		else if (outcome == SAGA_OUTCOME_RETRY)
 			counts.retried++;
+		}
 		else
 			counts.dead++;
-		i++;
+		args[0] = PointerGetDatum(&req->tid);
+		args[1] = TransactionIdGetDatum(req->claim_xid);
+		args[2] = BoolGetDatum(outcome == SAGA_OUTCOME_DEAD);
+		args[3] = Float8GetDatum(delay);
+		if (req->error)
+			args[4] = CStringGetTextDatum(valid_text(req->error));
+		else
+			nulls[4] = 'n';
+		args[5] = Int32GetDatum((int32) req->status);
+		if (req->status == 0)
+			nulls[5] = 'n';
+		rc = SPI_execute_plan(failed_plan, args, nulls, false, 0);
+		if (rc != SPI_OK_UPDATE)
+			elog(ERROR, "saga: could not record a failed delivery: %s", SPI_result_code_string(rc));
 	}
 
-	args[0] = PointerGetDatum(construct_md_array(tids, NULL, 1, dims, lbs, TIDOID, sizeof(ItemPointerData), false, TYPALIGN_SHORT));
-	args[1] = PointerGetDatum(construct_md_array(ids, NULL, 1, dims, lbs, UUIDOID, UUID_LEN, false, TYPALIGN_CHAR));
-	args[2] = PointerGetDatum(construct_md_array(attempts, NULL, 1, dims, lbs, INT4OID, 4, true, TYPALIGN_INT));
-	args[3] = PointerGetDatum(construct_md_array(outcomes, NULL, 1, dims, lbs, INT4OID, 4, true, TYPALIGN_INT));
-	args[4] = PointerGetDatum(construct_md_array(delays, NULL, 1, dims, lbs, FLOAT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
-	args[5] = PointerGetDatum(construct_md_array(errors, error_nulls, 1, dims, lbs, TEXTOID, -1, false, TYPALIGN_INT));
-	args[6] = PointerGetDatum(construct_md_array(statuses, status_nulls, 1, dims, lbs, INT4OID, 4, true, TYPALIGN_INT));
+	if (counts.delivered > 0)
+	{
+		Datum		args[2];
 
-	rc = SPI_execute_plan(plan, args, NULL, false, 0);
-	if (rc != SPI_OK_SELECT)
-		elog(ERROR, "saga: could not record delivery outcomes: %s", SPI_result_code_string(rc));
+		args[0] = PointerGetDatum(construct_array(tids, counts.delivered, TIDOID,
+												  sizeof(ItemPointerData), false, TYPALIGN_SHORT));
+		args[1] = PointerGetDatum(construct_array(xids, nxids, XIDOID, sizeof(TransactionId),
+												  true, TYPALIGN_INT));
+		rc = saga_execute_confined(delivered_plan, args, NULL);
+		if (rc != SPI_OK_DELETE)
+			elog(ERROR, "saga: could not record deliveries: %s", SPI_result_code_string(rc));
+	}
 	return counts;
 }
 

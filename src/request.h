@@ -30,6 +30,7 @@ typedef struct SagaRequest
 
 	/* what to send, set by the caller */
 	ItemPointerData tid;		/* the claimed row, as the claim left it */
+	TransactionId claim_xid;	/* the claim's transaction: that row's xmin */
 	pg_uuid_t	message_id;
 	char	   *destination;
 	int			attempt;

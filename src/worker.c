@@ -220,6 +220,26 @@ earliest(TimestampTz a, TimestampTz b)
 }
 
 /*
+ * Claim a batch for a postgresql destination if one of its connections has
+ * room. Returns true when the destination is busy (no room, or a full batch
+ * claimed); sets *more when room for another batch is left.
+ */
+static bool
+claim_database_batch(SagaDestination *dest, bool *more)
+{
+	int			room = dest->concurrency * saga_batch_size - saga_pg_in_flight(pg, dest->name);
+	int			want = Min(room, saga_batch_size);
+
+	if (room <= 0)
+		return true;
+	if (saga_outbox_claim_pg(pg, dest, want) < want)
+		return false;
+	if (room > want)
+		*more = true;
+	return true;
+}
+
+/*
  * One cycle: record finished requests, claim more for every HTTP and
  * postgresql destination with room, then drain due NOTIFY messages. Returns true when
  * work was left behind (a full NOTIFY batch), so the caller does not sleep;
@@ -236,6 +256,7 @@ run_cycle(bool sweep_retained, bool reread, TimestampTz *next_due)
 	SagaRecordCounts counts;
 	ListCell   *lc;
 	bool		more = false;
+	bool		more_databases = false;
 
 	foreach(lc, finished)
 	{
@@ -266,23 +287,8 @@ run_cycle(bool sweep_retained, bool reread, TimestampTz *next_due)
 		}
 		else if (dest->kind == SAGA_DEST_POSTGRESQL)
 		{
-			/*
-			 * A batch per connection: claim them all now, so that the
-			 * connections work in parallel rather than one batch a cycle.
-			 */
-			int			room = dest->concurrency * saga_batch_size - saga_pg_in_flight(pg, dest->name);
-			int			claimed = 0;
-
-			while (room > 0)
-			{
-				int			want = Min(room, saga_batch_size);
-
-				claimed = saga_outbox_claim_pg(pg, dest, want);
-				room -= claimed;
-				if (claimed < want)
-					break;
-			}
-			if (room <= 0)
+			/* one batch now; the other connections' batches follow below */
+			if (claim_database_batch(dest, &more_databases))
 				continue;
 		}
 		*next_due = earliest(*next_due, saga_outbox_next_due(dest));
@@ -302,6 +308,26 @@ run_cycle(bool sweep_retained, bool reread, TimestampTz *next_due)
 	saga_pg_release(finished_pg);
 	saga_http_submit_new(http);
 	saga_pg_submit_new(pg);
+
+	/*
+	 * A batch per connection of a postgresql destination, each claimed in a
+	 * transaction of its own and sent as soon as that commits: the first
+	 * connection works while the next batch is claimed.
+	 */
+	while (more_databases)
+	{
+		more_databases = false;
+		begin_work("claiming for databases");
+		foreach(lc, dests)
+		{
+			SagaDestination *dest = lfirst(lc);
+
+			if (dest->kind == SAGA_DEST_POSTGRESQL)
+				(void) claim_database_batch(dest, &more_databases);
+		}
+		end_work();
+		saga_pg_submit_new(pg);
+	}
 
 	foreach(lc, dests)
 	{
