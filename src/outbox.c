@@ -65,25 +65,34 @@ saga_prepare_kept_custom(const char *sql, int nargs, Oid *argtypes)
 }
 
 /*
- * Execute a kept plan that picks rows of a queue table (outbox or inbox)
- * with the planner confined to index and TID scans, without sorts. These
- * tables swing between empty and huge faster than their statistics follow:
- * planned on statistics from an empty moment, "the next due rows" becomes a
- * sort of the whole table, "these tuple ids" a scan of every pending row,
- * once per batch. The plans are custom, so each execution is planned here.
+ * The queue tables (outbox, inbox, sagas) swing between empty and huge
+ * faster than their statistics follow. Planned on statistics from an empty
+ * moment, "the next due rows" becomes a sort of the whole table and "these
+ * tuple ids" a scan of every pending row, once per batch. The worker's
+ * statements over them are therefore planned with sequential scans, bitmap
+ * scans and sorts disabled, and JIT too: the cost of a disabled plan type
+ * would call for compiling. Their plans are custom, so each execution is
+ * planned under these settings.
  */
-int
-saga_execute_confined(SPIPlanPtr plan, Datum *values, const char *nulls)
+static int
+confine_planner(void)
 {
-	/* jit too: the cost of a disabled plan type would call for compiling */
 	static const char *const disabled[] = {"enable_seqscan", "enable_bitmapscan", "enable_sort", "jit"};
 	int			nest_level = NewGUCNestLevel();
-	int			rc;
 
 	for (int i = 0; i < lengthof(disabled); i++)
 		(void) set_config_option(disabled[i], "off", PGC_USERSET, PGC_S_SESSION,
 								 GUC_ACTION_SAVE, true, 0, false);
-	rc = SPI_execute_plan(plan, values, nulls, false, 0);
+	return nest_level;
+}
+
+/* Execute a kept, custom-planned statement over a queue table; see above. */
+int
+saga_execute_confined(SPIPlanPtr plan, Datum *values, const char *nulls)
+{
+	int			nest_level = confine_planner();
+	int			rc = SPI_execute_plan(plan, values, nulls, false, 0);
+
 	AtEOXact_GUC(true, nest_level);
 	return rc;
 }
@@ -94,7 +103,10 @@ saga_query_timestamp(const char *sql, const char *what)
 {
 	bool		isnull;
 	Datum		d;
+	int			nest_level = confine_planner();
 	int			rc = SPI_execute(sql, true, 1);
+
+	AtEOXact_GUC(true, nest_level);
 
 	if (rc != SPI_OK_SELECT || SPI_processed != 1)
 		elog(ERROR, "saga: could not read %s: %s", what, SPI_result_code_string(rc));
@@ -834,13 +846,13 @@ saga_outbox_next_due(SagaDestination *dest)
 	{
 		Oid			types[1] = {TEXTOID};
 
-		plan = saga_prepare_kept("SELECT min(next_attempt_at) FROM saga.queue"
-							" WHERE destination = $1 AND status = 'pending' AND next_attempt_at > now()",
-							1, types);
+		plan = saga_prepare_kept_custom("SELECT min(next_attempt_at) FROM saga.queue"
+										" WHERE destination = $1 AND status = 'pending' AND next_attempt_at > now()",
+										1, types);
 	}
 	args[0] = CStringGetTextDatum(dest->name);
 	/* not read-only: it must see the retries recorded earlier in this transaction */
-	rc = SPI_execute_plan(plan, args, NULL, false, 1);
+	rc = saga_execute_confined(plan, args, NULL);
 	if (rc != SPI_OK_SELECT || SPI_processed != 1)
 		elog(ERROR, "saga: could not read the next due time: %s", SPI_result_code_string(rc));
 	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);

@@ -91,6 +91,8 @@ for my $entry (split /LOG:  duration: [\d.]+ ms  plan:\n/, $log)
 	  : $query =~ /^DELETE FROM saga\.queue q WHERE q\.ctid = ANY \(ARRAY\(SELECT pg_catalog\.unnest/ ? 'record'
 	  : $query =~ /^SELECT m\.message_id,.*FROM saga\.inbox_messages m/ ? 'inbox claim'
 	  : $query =~ /^UPDATE saga\.inbox_messages m/ ? 'inbox record'
+	  : $query =~ /^SELECT min\(next_attempt_at\) FROM saga\.queue/ ? 'next due'
+	  : $query =~ /^SELECT pg_catalog\.min\(next_attempt_at\) FROM saga\.inbox_messages/ ? 'inbox next due'
 	  : next;
 	push @{ $plans{$kind} }, $entry;
 }
@@ -101,6 +103,8 @@ my %expected = (
 	'record' => [qr/Tid Scan on queue q/],
 	'inbox claim' => [qr/Index Scan using inbox_due on inbox_messages m/],
 	'inbox record' => [qr/Index Scan using inbox_messages_pkey on inbox_messages m/],
+	'next due' => [qr/Index (Only )?Scan using queue_due on queue/],
+	'inbox next due' => [qr/Index (Only )?Scan using inbox_due on inbox_messages/],
 );
 for my $kind (sort keys %expected)
 {
