@@ -448,6 +448,9 @@ saga_engine_run(int limit, int *sent_calls)
 TimestampTz
 saga_engine_next_due(void)
 {
-	return saga_query_timestamp("SELECT pg_catalog.min(next_run_at) FROM saga.instances WHERE next_run_at IS NOT NULL",
+	static SPIPlanPtr plan = NULL;
+
+	return saga_query_timestamp(&plan,
+								"SELECT pg_catalog.min(next_run_at) FROM saga.instances WHERE next_run_at IS NOT NULL",
 								"when the next saga falls due");
 }

@@ -356,7 +356,10 @@ saga_inbox_run(int limit)
 TimestampTz
 saga_inbox_next_due(void)
 {
-	return saga_query_timestamp("SELECT pg_catalog.min(next_attempt_at) FROM saga.inbox_messages"
+	static SPIPlanPtr plan = NULL;
+
+	return saga_query_timestamp(&plan,
+								"SELECT pg_catalog.min(next_attempt_at) FROM saga.inbox_messages"
 								" WHERE status = 'pending'",
 								"when the next inbox message falls due");
 }

@@ -97,17 +97,22 @@ saga_execute_confined(SPIPlanPtr plan, Datum *values, const char *nulls)
 	return rc;
 }
 
-/* The timestamp a one-row, one-column read-only query returns; 0 for NULL. */
+/*
+ * The timestamp a one-row, one-column query without parameters returns; 0
+ * for NULL. The plan is kept in *plan; having no parameters, it is generic,
+ * made (and remade after an invalidation) inside the confined execution.
+ */
 TimestampTz
-saga_query_timestamp(const char *sql, const char *what)
+saga_query_timestamp(SPIPlanPtr *plan, const char *sql, const char *what)
 {
 	bool		isnull;
 	Datum		d;
-	int			nest_level = confine_planner();
-	int			rc = SPI_execute(sql, true, 1);
+	int			rc;
 
-	AtEOXact_GUC(true, nest_level);
-
+	if (*plan == NULL)
+		*plan = saga_prepare_kept(sql, 0, NULL);
+	/* not read-only: it must see what this transaction recorded before */
+	rc = saga_execute_confined(*plan, NULL, NULL);
 	if (rc != SPI_OK_SELECT || SPI_processed != 1)
 		elog(ERROR, "saga: could not read %s: %s", what, SPI_result_code_string(rc));
 	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);

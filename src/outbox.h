@@ -43,7 +43,7 @@ typedef struct SagaRecordCounts
 extern SPIPlanPtr saga_prepare_kept(const char *sql, int nargs, Oid *argtypes);
 extern SPIPlanPtr saga_prepare_kept_custom(const char *sql, int nargs, Oid *argtypes);
 extern int	saga_execute_confined(SPIPlanPtr plan, Datum *values, const char *nulls);
-extern TimestampTz saga_query_timestamp(const char *sql, const char *what);
+extern TimestampTz saga_query_timestamp(SPIPlanPtr *plan, const char *sql, const char *what);
 extern bool saga_outbox_extension_present(void);
 extern void saga_outbox_reconcile(void);
 extern List *saga_outbox_destinations(void);

@@ -10,6 +10,9 @@
 
 #include <sys/epoll.h>
 #include <unistd.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 
 #include "storage/latch.h"
 #include "utils/memutils.h"
@@ -18,20 +21,73 @@
 #include "transport_http.h"
 
 #define RESPONSE_SNIPPET_BYTES	512
+/* finished easy handles kept for the next requests, with their buffers */
+#define IDLE_HANDLES_MAX		256
 #define MAX_RETRY_AFTER_S		(24 * 3600)
 
 static void classify(SagaRequest *req);
+
+/*
+ * What the epoll set holds for one socket, indexed by descriptor. A
+ * keep-alive connection between requests stays registered for reading
+ * ("parked") instead of being removed and added again around every request:
+ * two epoll_ctl calls saved per request. Only sockets libcurl opened through
+ * open_socket are parked, because close_socket tells us when they go away.
+ */
+typedef struct WatchedSocket
+{
+	uint32		registered;		/* events in the epoll set; 0: not in it */
+	bool		wanted;			/* libcurl is waiting on it */
+	bool		ours;			/* opened by open_socket, closed by close_socket */
+} WatchedSocket;
 
 struct SagaHttp
 {
 	CURLM	   *multi;
 	int			epfd;			/* the sockets libcurl waits on */
+	WatchedSocket *sockets;
+	int			nsockets;
 	TimestampTz timer;			/* when libcurl wants to run; 0: no timer */
+	CURL	   *idle_handles[IDLE_HANDLES_MAX];
+	int			nidle_handles;
 	MemoryContext cxt;
 	dlist_head	created;		/* claimed, not yet submitted */
 	dlist_head	running;
 	dlist_head	completed;		/* finished, outcome not yet recorded */
 };
+
+static WatchedSocket *
+watched(SagaHttp *http, int fd)
+{
+	if (fd >= http->nsockets)
+	{
+		int			n = Max(fd + 1, 2 * http->nsockets);
+
+		http->sockets = repalloc(http->sockets, sizeof(WatchedSocket) * n);
+		memset(&http->sockets[http->nsockets], 0, sizeof(WatchedSocket) * (n - http->nsockets));
+		http->nsockets = n;
+	}
+	return &http->sockets[fd];
+}
+
+static int
+set_registration(SagaHttp *http, int fd, uint32 events)
+{
+	WatchedSocket *ws = watched(http, fd);
+	struct epoll_event ev;
+	int			op = events == 0 ? EPOLL_CTL_DEL : ws->registered ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
+
+	if (events == ws->registered)
+		return 0;
+	memset(&ev, 0, sizeof(ev));
+	ev.events = events;
+	ev.data.fd = fd;
+	if (epoll_ctl(http->epfd, op, fd, &ev) != 0 && op != EPOLL_CTL_DEL &&
+		epoll_ctl(http->epfd, op == EPOLL_CTL_ADD ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, fd, &ev) != 0)
+		return -1;
+	ws->registered = events;
+	return 0;
+}
 
 /*
  * libcurl tells us which sockets to watch for what; we keep them in an epoll
@@ -41,24 +97,50 @@ static int
 watch_socket(CURL *easy, curl_socket_t fd, int what, void *arg, void *known)
 {
 	SagaHttp   *http = (SagaHttp *) arg;
-	struct epoll_event ev;
+	WatchedSocket *ws = watched(http, fd);
+	uint32		events = 0;
 
-	memset(&ev, 0, sizeof(ev));
-	ev.data.fd = fd;
 	if (what == CURL_POLL_REMOVE)
 	{
-		(void) epoll_ctl(http->epfd, EPOLL_CTL_DEL, fd, NULL);
-		return 0;
+		ws->wanted = false;
+		/* park an idle connection; saga_http_perform drops it if it stirs */
+		return (ws->ours && ws->registered == EPOLLIN) ? 0 : set_registration(http, fd, 0);
 	}
+	ws->wanted = true;
 	if (what & CURL_POLL_IN)
-		ev.events |= EPOLLIN;
+		events |= EPOLLIN;
 	if (what & CURL_POLL_OUT)
-		ev.events |= EPOLLOUT;
-	if (epoll_ctl(http->epfd, known ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, fd, &ev) != 0 &&
-		epoll_ctl(http->epfd, known ? EPOLL_CTL_ADD : EPOLL_CTL_MOD, fd, &ev) != 0)
-		return -1;
-	curl_multi_assign(http->multi, fd, (void *) 1);
-	return 0;
+		events |= EPOLLOUT;
+	return set_registration(http, fd, events);
+}
+
+static curl_socket_t
+open_socket(void *arg, curlsocktype purpose, struct curl_sockaddr *address)
+{
+	SagaHttp   *http = (SagaHttp *) arg;
+	curl_socket_t fd = socket(address->family, address->socktype, address->protocol);
+
+	if (fd != CURL_SOCKET_BAD)
+	{
+		WatchedSocket *ws = watched(http, fd);
+
+		ws->registered = 0;
+		ws->wanted = false;
+		ws->ours = true;
+	}
+	return fd;
+}
+
+static int
+close_socket(void *arg, curl_socket_t fd)
+{
+	SagaHttp   *http = (SagaHttp *) arg;
+	WatchedSocket *ws = watched(http, fd);
+
+	(void) set_registration(http, fd, 0);
+	ws->ours = false;
+	ws->wanted = false;
+	return close(fd);
 }
 
 static int
@@ -78,12 +160,24 @@ saga_http_create(void)
 
 	http->cxt = AllocSetContextCreate(TopMemoryContext, "saga http",
 									  ALLOCSET_DEFAULT_SIZES);
+#ifdef __GLIBC__
+
+	/*
+	 * libcurl allocates a 16 kB receive buffer per transfer and frees it when
+	 * the transfer is done. With glibc's adaptive trim threshold, freeing it
+	 * can shrink the heap and the next transfer grow it again: a system call
+	 * and fresh page faults per request. Keep freed memory for reuse.
+	 */
+	mallopt(M_TRIM_THRESHOLD, 16 * 1024 * 1024);
+#endif
 	http->multi = curl_multi_init();
 	if (http->multi == NULL)
 		elog(ERROR, "curl_multi_init failed");
 	http->epfd = epoll_create1(EPOLL_CLOEXEC);
 	if (http->epfd < 0)
 		elog(ERROR, "epoll_create1 failed: %m");
+	http->nsockets = 64;
+	http->sockets = MemoryContextAllocZero(TopMemoryContext, sizeof(WatchedSocket) * http->nsockets);
 	curl_multi_setopt(http->multi, CURLMOPT_SOCKETFUNCTION, watch_socket);
 	curl_multi_setopt(http->multi, CURLMOPT_SOCKETDATA, http);
 	curl_multi_setopt(http->multi, CURLMOPT_TIMERFUNCTION, set_timer);
@@ -150,14 +244,42 @@ collect_response(char *data, size_t size, size_t nmemb, void *arg)
 	return len;
 }
 
+/*
+ * An easy handle for a new request. Handles are reused: a new one allocates
+ * its buffers afresh, and doing that per request showed in profiles.
+ */
+static CURL *
+take_handle(SagaHttp *http)
+{
+	CURL	   *easy;
+
+	if (http->nidle_handles > 0)
+		return http->idle_handles[--http->nidle_handles];
+	easy = curl_easy_init();
+	if (easy == NULL)
+		elog(ERROR, "curl_easy_init failed");
+	return easy;
+}
+
+/* Keep a finished request's handle, every option reset to its default. */
+static void
+give_back_handle(SagaHttp *http, CURL *easy)
+{
+	if (http->nidle_handles == IDLE_HANDLES_MAX)
+	{
+		curl_easy_cleanup(easy);
+		return;
+	}
+	curl_easy_reset(easy);
+	http->idle_handles[http->nidle_handles++] = easy;
+}
+
 static void
 submit_one(SagaHttp *http, SagaRequest *req)
 {
-	CURL	   *easy = curl_easy_init();
+	CURL	   *easy = take_handle(http);
 	MemoryContext old;
 
-	if (easy == NULL)
-		elog(ERROR, "curl_easy_init failed");
 	req->easy = easy;
 	old = MemoryContextSwitchTo(req->cxt);
 	initStringInfo(&req->response);
@@ -185,6 +307,10 @@ submit_one(SagaHttp *http, SagaRequest *req)
 	curl_easy_setopt(easy, CURLOPT_ERRORBUFFER, req->curl_error);
 	curl_easy_setopt(easy, CURLOPT_WRITEFUNCTION, collect_response);
 	curl_easy_setopt(easy, CURLOPT_WRITEDATA, req);
+	curl_easy_setopt(easy, CURLOPT_OPENSOCKETFUNCTION, open_socket);
+	curl_easy_setopt(easy, CURLOPT_OPENSOCKETDATA, http);
+	curl_easy_setopt(easy, CURLOPT_CLOSESOCKETFUNCTION, close_socket);
+	curl_easy_setopt(easy, CURLOPT_CLOSESOCKETDATA, http);
 
 	if (curl_multi_add_handle(http->multi, easy) != CURLM_OK)
 		elog(ERROR, "curl_multi_add_handle failed");
@@ -305,15 +431,22 @@ saga_http_perform(SagaHttp *http)
 	{
 		for (int i = 0; i < n; i++)
 		{
+			int			fd = events[i].data.fd;
 			int			flags = 0;
 
+			if (!watched(http, fd)->wanted)
+			{
+				/* a parked connection was closed by the peer or sent junk */
+				(void) set_registration(http, fd, 0);
+				continue;
+			}
 			if (events[i].events & (EPOLLIN | EPOLLHUP))
 				flags |= CURL_CSELECT_IN;
 			if (events[i].events & EPOLLOUT)
 				flags |= CURL_CSELECT_OUT;
 			if (events[i].events & EPOLLERR)
 				flags |= CURL_CSELECT_ERR;
-			curl_multi_socket_action(http->multi, events[i].data.fd, flags, &running);
+			curl_multi_socket_action(http->multi, fd, flags, &running);
 		}
 		if (n < lengthof(events))
 			break;
@@ -334,7 +467,7 @@ saga_http_perform(SagaHttp *http)
 		curl_easy_getinfo(req->easy, CURLINFO_RESPONSE_CODE, &req->status);
 		req->retry_after_s = parse_retry_after(req->easy);
 		curl_multi_remove_handle(http->multi, req->easy);
-		curl_easy_cleanup(req->easy);
+		give_back_handle(http, req->easy);
 		req->easy = NULL;
 		classify(req);
 		dlist_delete(&req->node);

@@ -239,6 +239,12 @@ claim_database_batch(SagaDestination *dest, bool *more)
 	return true;
 }
 
+static inline bool
+is_due(TimestampTz due, TimestampTz now)
+{
+	return due != 0 && due <= now;
+}
+
 /*
  * One cycle: record finished requests, claim more for every HTTP and
  * postgresql destination with room, then drain due NOTIFY messages. Returns true when
@@ -257,6 +263,9 @@ run_cycle(bool sweep_retained, bool reread, TimestampTz *next_due)
 	ListCell   *lc;
 	bool		more = false;
 	bool		more_databases = false;
+	TimestampTz sagas_due;
+	TimestampTz inbox_due;
+	TimestampTz now;
 
 	foreach(lc, finished)
 	{
@@ -295,8 +304,9 @@ run_cycle(bool sweep_retained, bool reread, TimestampTz *next_due)
 	}
 	if (sweep_retained)
 		saga_outbox_expire_retained();
-	*next_due = earliest(*next_due, saga_engine_next_due());
-	*next_due = earliest(*next_due, saga_inbox_next_due());
+	sagas_due = saga_engine_next_due();
+	inbox_due = saga_inbox_next_due();
+	*next_due = earliest(earliest(*next_due, sagas_due), inbox_due);
 	end_work();
 
 	/* committed: the outcomes are durable, the claims are ours */
@@ -354,7 +364,12 @@ run_cycle(bool sweep_retained, bool reread, TimestampTz *next_due)
 		}
 	}
 
-	for (int batch = 0;; batch++)
+	/*
+	 * Sagas and inbox messages get a transaction only when one is due: a
+	 * commit that adds one sets the latch, so the next cycle looks again.
+	 */
+	now = GetCurrentTimestamp();
+	for (int batch = 0; is_due(sagas_due, now); batch++)
 	{
 		int			sagas;
 		int			sent_calls;
@@ -374,7 +389,7 @@ run_cycle(bool sweep_retained, bool reread, TimestampTz *next_due)
 			break;
 	}
 
-	for (int batch = 0;; batch++)
+	for (int batch = 0; is_due(inbox_due, now); batch++)
 	{
 		int			handled;
 

@@ -36,16 +36,18 @@ log_min_messages = info
 	return $node;
 }
 
-# Start test/http_receiver.py; returns (port, log file, pid).
+# Start test/http_receiver.py with extra options, if any; returns (port,
+# log file, pid).
 sub start_receiver
 {
+	my @options = @_;
 	my $dir = PostgreSQL::Test::Utils::tempdir();
 	my $log = "$dir/requests.jsonl";
 	my $portfile = "$dir/port";
 	my $pid = fork();
 	if ($pid == 0)
 	{
-		exec('python3', "$testdir/http_receiver.py", '--log', $log, '--port-file', $portfile)
+		exec('python3', "$testdir/http_receiver.py", '--log', $log, '--port-file', $portfile, @options)
 		  or die "cannot start receiver: $!";
 	}
 	push @receiver_pids, $pid;

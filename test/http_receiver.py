@@ -2,7 +2,9 @@
 """A small real HTTP server for saga's tests, the demo and the benchmarks.
 
 Every request is appended to --log as one JSON line (time, path, status,
-headers, body) before it is answered. The path chooses the behaviour:
+headers, body, and the client's port, which tells the connection) before it
+is answered. With --idle-timeout S, a kept-alive connection idle for S seconds
+is closed by the server. The path chooses the behaviour:
 
   /ok...                 200
   /status/NNN            answer NNN
@@ -43,6 +45,7 @@ def record(handler, status, body):
         "status": status,
         "headers": {k: v for k, v in handler.headers.items()},
         "body": body.decode("utf-8", "replace"),
+        "client_port": handler.client_address[1],
     }
     with lock:
         log_file.write(json.dumps(entry) + "\n")
@@ -139,7 +142,10 @@ def main():
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--port-file")
     ap.add_argument("--log", required=True)
+    ap.add_argument("--idle-timeout", type=float)
     args = ap.parse_args()
+    if args.idle_timeout:
+        Handler.timeout = args.idle_timeout
     log_file = open(args.log, "a")
     server = Server(("127.0.0.1", args.port), Handler)
     if args.port_file:
