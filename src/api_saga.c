@@ -18,6 +18,7 @@
 #include "miscadmin.h"
 #include "storage/latch.h"
 #include "utils/builtins.h"
+#include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/timestamp.h"
 #include "utils/uuid.h"
@@ -183,6 +184,49 @@ saga_define(PG_FUNCTION_ARGS)
 	PG_RETURN_DATUM(v);
 }
 
+/*
+ * Start a saga without an idempotency key: one insert from the latest
+ * definition, with a kept plan. Returns false, having done nothing, when the
+ * saga is not defined; saga._start then raises the error.
+ */
+static bool
+start_unkeyed(text *name, Jsonb *input, pg_uuid_t *id)
+{
+	static SPIPlanPtr plan = NULL;
+	SagaOwnerContext oc;
+	Datum		values[4];
+	int			rc;
+	bool		inserted;
+
+	values[0] = UUIDPGetDatum(id);
+	values[1] = PointerGetDatum(name);
+	values[2] = JsonbPGetDatum(input);
+	values[3] = ObjectIdGetDatum(GetUserId());
+	saga_begin_as_owner(&oc, false);
+	if (plan == NULL)
+	{
+		Oid			types[4] = {UUIDOID, TEXTOID, JSONBOID, OIDOID};
+
+		/* every name qualified: this runs under the caller's search_path */
+		plan = SPI_prepare_cursor("INSERT INTO saga.instances (id, name, version, driver, status, input,"
+								  "  owner, next_run_at, deadline)"
+								  " SELECT $1, d.name, d.version, 'worker', 'running', $3, $4,"
+								  "  pg_catalog.now(), pg_catalog.now() OPERATOR(pg_catalog.+) d.deadline"
+								  " FROM saga.definitions d WHERE d.name OPERATOR(pg_catalog.=) $2"
+								  " ORDER BY d.version DESC LIMIT 1",
+								  4, types, CURSOR_OPT_GENERIC_PLAN);
+		if (plan == NULL)
+			elog(ERROR, "SPI_prepare failed for saga.start: %s", SPI_result_code_string(SPI_result));
+		SPI_keepplan(plan);
+	}
+	rc = SPI_execute_plan(plan, values, NULL, false, 0);
+	if (rc != SPI_OK_INSERT)
+		elog(ERROR, "saga.start: insert failed: %s", SPI_result_code_string(rc));
+	inserted = SPI_processed == 1;
+	saga_end_as_owner(&oc);
+	return inserted;
+}
+
 Datum
 saga_start(PG_FUNCTION_ARGS)
 {
@@ -192,6 +236,18 @@ saga_start(PG_FUNCTION_ARGS)
 
 	saga_require_arg(fcinfo, 0, "saga name");
 	saga_require_arg(fcinfo, 1, "saga input");
+	if (PG_ARGISNULL(2) && JB_ROOT_IS_OBJECT(PG_GETARG_JSONB_P(1)))
+	{
+		pg_uuid_t  *id = palloc(sizeof(pg_uuid_t));
+
+		saga_uuid7(id->data);
+		if (start_unkeyed(PG_GETARG_TEXT_PP(0), PG_GETARG_JSONB_P(1), id))
+		{
+			saga_wake_at_commit(0);
+			PG_RETURN_UUID_P(id);
+		}
+	}
+	/* a key, an input that is not an object, or an unknown saga */
 	v = call_internal(fcinfo, "_start", 3, types, WITH_CALLER | WITH_NEW_ID, &isnull);
 	saga_wake_at_commit(0);
 	PG_RETURN_DATUM(v);

@@ -11,7 +11,7 @@
 \pset pager off
 
 BEGIN;
-SELECT plan(24);
+SELECT plan(27);
 
 CREATE ROLE saga_test_hijacker;
 CREATE SCHEMA hijack AUTHORIZATION saga_test_hijacker;
@@ -28,6 +28,9 @@ BEGIN
 	PERFORM saga.create_destination('sp_other', 'http://127.0.0.1:1/other', '{"backoff": "1 hour", "max_backoff": "1 hour"}');
 	PERFORM saga.subscribe('sp.order.*', 'sp_hook');
 END $$;
+CREATE FUNCTION public.sp_step(ctx jsonb) RETURNS jsonb LANGUAGE sql AS $$ SELECT '{}'::jsonb $$;
+SELECT saga.define('sp_flow', '{"steps": [{"name": "one", "action": "public.sp_step"}], "deadline": "1 hour"}')
+	AS ignored \gset
 
 SET ROLE saga_test_hijacker;
 CREATE TABLE hijack.calls (what text, called_as text);
@@ -57,6 +60,9 @@ CREATE OPERATOR hijack.* (LEFTARG = bigint, RIGHTARG = interval, FUNCTION = hija
 CREATE FUNCTION hijack.ts_le(a timestamptz, b timestamptz) RETURNS boolean LANGUAGE plpgsql AS $$
 BEGIN PERFORM hijack.record('<=(timestamptz,timestamptz)'); RETURN a OPERATOR(pg_catalog.<=) b; END $$;
 CREATE OPERATOR hijack.<= (LEFTARG = timestamptz, RIGHTARG = timestamptz, FUNCTION = hijack.ts_le);
+CREATE FUNCTION hijack.ts_plus_interval(a timestamptz, b interval) RETURNS timestamptz LANGUAGE plpgsql AS $$
+BEGIN PERFORM hijack.record('+(timestamptz,interval)'); RETURN a OPERATOR(pg_catalog.+) b; END $$;
+CREATE OPERATOR hijack.+ (LEFTARG = timestamptz, RIGHTARG = interval, FUNCTION = hijack.ts_plus_interval);
 -- functions with the names of built-ins
 CREATE FUNCTION hijack.starts_with(a text, b text) RETURNS boolean LANGUAGE plpgsql AS $$
 BEGIN PERFORM hijack.record('starts_with'); RETURN pg_catalog.starts_with(a, b); END $$;
@@ -72,6 +78,8 @@ CREATE TABLE hijack.destinations (name text, kind text, target text);
 INSERT INTO hijack.destinations VALUES ('sp_hook', 'http', 'http://attacker.invalid/');
 CREATE TABLE hijack.queue (message_id uuid, destination text, topic text, key text, payload jsonb,
 	headers jsonb, next_attempt_at timestamptz, seq bigint);
+CREATE TABLE hijack.definitions (name text, version integer, deadline interval);
+INSERT INTO hijack.definitions VALUES ('sp_flow', 99, '1 second');
 -- the same in public, for callers whose search_path starts with public
 CREATE FUNCTION public.starts_with(a text, b text) RETURNS boolean LANGUAGE plpgsql AS $$
 BEGIN PERFORM hijack.record('public.starts_with'); RETURN pg_catalog.starts_with(a, b); END $$;
@@ -129,6 +137,20 @@ RESET search_path;
 RESET ROLE;
 SELECT results_eq(format($$SELECT destination FROM saga.queue WHERE message_id = %L$$, :'sp_msg3'),
 	$$VALUES ('sp_hook'::text)$$, 'publish ignores temporary look-alike tables');
+TRUNCATE hijack.calls;
+
+-- start without a key: a kept insert that runs under the caller's search_path
+SET ROLE saga_test_hijacker;
+SET search_path = hijack, pg_catalog;
+SELECT saga.start('sp_flow', '{"n": 1}') AS sp_saga \gset
+RESET search_path;
+RESET ROLE;
+SELECT is((SELECT string_agg(DISTINCT what || ' as ' || called_as, ', ') FROM hijack.calls), NULL,
+	'start runs none of the caller''s functions or operators');
+SELECT results_eq(format($$SELECT version, deadline - started_at, owner::regrole::text FROM saga.instances WHERE id = %L$$, :'sp_saga'),
+	$$VALUES (1, interval '1 hour', 'saga_test_hijacker')$$,
+	'start reads saga.definitions only, and records the caller as the owner');
+SELECT is((SELECT count(*) FROM saga.instances WHERE name = 'sp_flow')::int, 1, 'start inserted one saga');
 TRUNCATE hijack.calls;
 
 -- message
