@@ -10,9 +10,6 @@
 
 #include <sys/epoll.h>
 #include <unistd.h>
-#ifdef __GLIBC__
-#include <malloc.h>
-#endif
 
 #include "storage/latch.h"
 #include "utils/memutils.h"
@@ -160,16 +157,6 @@ saga_http_create(void)
 
 	http->cxt = AllocSetContextCreate(TopMemoryContext, "saga http",
 									  ALLOCSET_DEFAULT_SIZES);
-#ifdef __GLIBC__
-
-	/*
-	 * libcurl allocates a 16 kB receive buffer per transfer and frees it when
-	 * the transfer is done. With glibc's adaptive trim threshold, freeing it
-	 * can shrink the heap and the next transfer grow it again: a system call
-	 * and fresh page faults per request. Keep freed memory for reuse.
-	 */
-	mallopt(M_TRIM_THRESHOLD, 16 * 1024 * 1024);
-#endif
 	http->multi = curl_multi_init();
 	if (http->multi == NULL)
 		elog(ERROR, "curl_multi_init failed");

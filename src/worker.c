@@ -10,6 +10,10 @@
  */
 #include "saga.h"
 
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
+
 #include "access/xact.h"
 #include "commands/dbcommands.h"
 #include "commands/vacuum.h"
@@ -237,6 +241,24 @@ claim_database_batch(SagaDestination *dest, bool *more)
 	if (room > want)
 		*more = true;
 	return true;
+}
+
+/*
+ * glibc's defaults make a burst expensive for this process: libcurl allocates
+ * a 16 kB receive buffer per transfer and frees it when the transfer is done,
+ * and the adaptive trim threshold may give that memory back to the kernel
+ * each time, a system call and fresh page faults per request. Keep freed
+ * memory instead. Fixing the trim threshold also ends the adaptive mmap
+ * threshold, so set that too, or each batch's large tuple table would be
+ * mapped and unmapped.
+ */
+static void
+keep_freed_memory(void)
+{
+#ifdef __GLIBC__
+	mallopt(M_TRIM_THRESHOLD, 16 * 1024 * 1024);
+	mallopt(M_MMAP_THRESHOLD, 8 * 1024 * 1024);
+#endif
 }
 
 static inline bool
@@ -563,6 +585,7 @@ saga_worker_main(Datum arg)
 	end_work();
 	ereport(LOG, (errmsg("saga worker started")));
 
+	keep_freed_memory();
 	http = saga_http_create();
 	next_poll = GetCurrentTimestamp();
 	next_sweep = next_poll;
