@@ -236,9 +236,10 @@ saga_outbox_destinations(void)
  * needs no second look at the status: a row changed since this snapshot
  * has another tuple id, and the change is not followed.
  */
-#define DUE_HEADS(limit) \
+#define DUE_HEADS(limit) DUE_HEADS_AFTER("", limit)
+#define DUE_HEADS_AFTER(after, limit) \
 	"SELECT c.ctid FROM saga.queue c" \
-	" WHERE c.destination = $1 AND c.status = 'pending'" \
+	" WHERE c.destination = $1 AND c.status = 'pending'" after \
 	"   AND c.next_attempt_at <= now()" \
 	"   AND (c.lease_until IS NULL OR c.lease_until < now())" \
 	"   AND (c.key IS NULL OR NOT EXISTS (" \
@@ -252,6 +253,8 @@ typedef struct NotifyRow
 	int64		seq;
 	char	   *envelope;
 	Datum		published_at;
+	TimestampTz due;
+	bool		keyed;
 } NotifyRow;
 
 static int
@@ -358,25 +361,32 @@ minimal_envelope(const char *envelope)
  * The statement repeats while it finds work: once it has deleted the first
  * message of a key, the next one of that key becomes due in the same
  * transaction, so a burst on one key still goes out in one commit, in order.
+ *
+ * *cursor is where the previous batch of this cycle stopped, if it sent no
+ * keyed message (else the next message of a key may lie behind it). The
+ * index scan starts after it, instead of stepping again over every entry the
+ * earlier batches deleted; the caller starts each cycle without one, so a
+ * row that committed behind the cursor is found by the next cycle.
  */
 int
-saga_outbox_dispatch_notify(SagaDestination *dest, int limit)
+saga_outbox_dispatch_notify(SagaDestination *dest, int limit, SagaNotifyCursor *cursor)
 {
 	static SPIPlanPtr plan = NULL;
-	Datum		args[2];
+	Datum		args[4];
 	int			sent = 0;
 
 	if (plan == NULL)
 	{
-		Oid			types[2] = {TEXTOID, INT4OID};
+		Oid			types[4] = {TEXTOID, INT4OID, TIMESTAMPTZOID, INT8OID};
 
 		plan = prepare_kept_with(
 							"DELETE FROM saga.queue q"
-							" WHERE q.ctid = ANY (ARRAY(" DUE_HEADS("$2") "))"
+							" WHERE q.ctid = ANY (ARRAY("
+							DUE_HEADS_AFTER(" AND (c.next_attempt_at, c.seq) > ($3, $4)", "$2") "))"
 							" RETURNING q.seq, jsonb_build_object('id', q.message_id, 'topic', q.topic,"
 							"   'key', q.key, 'payload', q.payload, 'headers', q.headers)::text,"
-							"   q.published_at",
-							2, types, CURSOR_OPT_CUSTOM_PLAN);
+							"   q.published_at, q.next_attempt_at, q.key IS NOT NULL",
+							4, types, CURSOR_OPT_CUSTOM_PLAN);
 	}
 	args[0] = CStringGetTextDatum(dest->name);
 	while (sent < limit)
@@ -384,8 +394,11 @@ saga_outbox_dispatch_notify(SagaDestination *dest, int limit)
 		NotifyRow  *rows;
 		uint64		n;
 		int			rc;
+		bool		keyed = false;
 
 		args[1] = Int32GetDatum(limit - sent);
+		args[2] = TimestampTzGetDatum(cursor->valid ? cursor->due : DT_NOBEGIN);
+		args[3] = Int64GetDatum(cursor->valid ? cursor->seq : PG_INT64_MIN);
 		rc = saga_execute_confined(plan, args, NULL);
 		if (rc != SPI_OK_DELETE_RETURNING)
 			elog(ERROR, "saga: NOTIFY dispatch failed: %s", SPI_result_code_string(rc));
@@ -404,6 +417,9 @@ saga_outbox_dispatch_notify(SagaDestination *dest, int limit)
 			rows[i].seq = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
 			rows[i].envelope = SPI_getvalue(tup, desc, 2);
 			rows[i].published_at = SPI_getbinval(tup, desc, 3, &isnull);
+			rows[i].due = DatumGetTimestampTz(SPI_getbinval(tup, desc, 4, &isnull));
+			rows[i].keyed = DatumGetBool(SPI_getbinval(tup, desc, 5, &isnull));
+			keyed |= rows[i].keyed;
 		}
 		SPI_freetuptable(SPI_tuptable);
 		qsort(rows, n, sizeof(NotifyRow), notify_row_cmp);
@@ -423,7 +439,17 @@ saga_outbox_dispatch_notify(SagaDestination *dest, int limit)
 				Async_Notify(dest->target, small);
 			}
 			pfree(rows[i].envelope);
+			/* the index order: due time, then seq */
+			if (!keyed && (!cursor->valid || rows[i].due > cursor->due ||
+						   (rows[i].due == cursor->due && rows[i].seq > cursor->seq)))
+			{
+				cursor->due = rows[i].due;
+				cursor->seq = rows[i].seq;
+				cursor->valid = true;
+			}
 		}
+		if (keyed)
+			cursor->valid = false;
 		pfree(rows);
 		sent += (int) n;
 	}

@@ -47,7 +47,15 @@ extern TimestampTz saga_query_timestamp(SPIPlanPtr *plan, const char *sql, const
 extern bool saga_outbox_extension_present(void);
 extern void saga_outbox_reconcile(void);
 extern List *saga_outbox_destinations(void);
-extern int	saga_outbox_dispatch_notify(SagaDestination *dest, int limit);
+/* where the previous NOTIFY batch of a cycle stopped, in index order */
+typedef struct SagaNotifyCursor
+{
+	bool		valid;
+	TimestampTz due;
+	int64		seq;
+} SagaNotifyCursor;
+
+extern int	saga_outbox_dispatch_notify(SagaDestination *dest, int limit, SagaNotifyCursor *cursor);
 extern int	saga_outbox_claim_http(SagaHttp *http, SagaDestination *dest, int limit);
 extern int	saga_outbox_claim_pg(SagaPg *pg, SagaDestination *dest, int limit);
 extern SagaRecordCounts saga_outbox_record(List *requests);

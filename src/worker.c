@@ -364,6 +364,7 @@ run_cycle(bool sweep_retained, bool reread, TimestampTz *next_due)
 	foreach(lc, dests)
 	{
 		SagaDestination *dest = lfirst(lc);
+		SagaNotifyCursor cursor = {false};
 
 		if (dest->kind != SAGA_DEST_NOTIFY)
 			continue;
@@ -377,7 +378,7 @@ run_cycle(bool sweep_retained, bool reread, TimestampTz *next_due)
 				break;
 			}
 			begin_work("dispatching to NOTIFY");
-			sent = saga_outbox_dispatch_notify(dest, saga_batch_size);
+			sent = saga_outbox_dispatch_notify(dest, saga_batch_size, &cursor);
 			end_work();
 			pg_atomic_fetch_add_u64(&my_slot->delivered, sent);
 			deleted_since_vacuum += sent;

@@ -187,6 +187,43 @@ my @order = map { lc $_->{msg}{id} } grep { ($_->{msg}{topic} // '') eq 'ev.late
 is_deeply([ @order[2, 3] ], [ lc $k1, lc $k2 ], 'K1 is notified before K2');
 is(scalar(@order), 4, 'each delayed-test message notified once');
 
+# ---------------------------------------------------------------- bursts of many batches
+# Batches of 10: a burst spans several batches and cycles (8 batches each).
+# A batch starts where the previous one of its cycle stopped, so a message
+# that commits behind that point must be found by the next cycle.
+sql(q{ALTER SYSTEM SET saga.batch_size = 10; SELECT pg_reload_conf();});
+usleep(500_000);
+
+sub published_ids
+{
+	my ($sql) = @_;
+	return map { lc } grep { /^[0-9a-f-]{36}$/ } split /\n/, sql($sql);
+}
+
+my $late = $node->background_psql('postgres');
+$late->query_safe('BEGIN');
+my ($behind) = grep { /^[0-9a-f-]{36}$/ } split /\n/,
+	$late->query_safe(q{SELECT saga.publish('ev.behind', '{"late": true}')});
+my @burst = published_ids(q{SELECT saga.publish('ev.burst', jsonb_build_object('n', g)) FROM generate_series(1, 200) g});
+ok(wait_for_id($burst[-1]), 'a burst of 200 in batches of 10: the last one arrives');
+drain();
+is_deeply([ map { lc $_->{msg}{id} } grep { ($_->{msg}{topic} // '') eq 'ev.burst' } @received ], \@burst,
+	'... every one once, in publish order');
+$late->query_safe('COMMIT');
+$late->quit;
+ok(wait_for_id($behind), 'a message that committed behind the batches already sent arrives too');
+
+my @mixed = published_ids(q{
+	SELECT saga.publish('ev.mixed', jsonb_build_object('n', g), CASE WHEN g % 3 = 0 THEN 'M' END)
+	FROM generate_series(1, 120) g});
+ok(wait_for_id($mixed[-1]), 'a burst of 120 with every third message on one key: the last one arrives');
+drain();
+my @got = map { lc $_->{msg}{id} } grep { ($_->{msg}{topic} // '') eq 'ev.mixed' } @received;
+is(scalar(@got), 120, '... every one once');
+is_deeply([ grep { my $id = $_; grep { $_ eq $id } @mixed[ grep { ($_ + 1) % 3 == 0 } 0 .. $#mixed ] } @got ],
+	[ @mixed[ grep { ($_ + 1) % 3 == 0 } 0 .. $#mixed ] ], '... the keyed ones in publish order');
+sql(q{ALTER SYSTEM RESET saga.batch_size; SELECT pg_reload_conf();});
+
 $listener->quit;
 $node->stop;
 done_testing();
