@@ -9,6 +9,7 @@
  */
 #include "saga.h"
 #include "api.h"
+#include "outbox.h"
 
 #include <ctype.h>
 
@@ -966,12 +967,9 @@ receive_locally(Datum *values, char *nulls)
 	{
 		Oid			types[6] = {UUIDOID, TEXTOID, TEXTOID, JSONBOID, JSONBOID, TIMESTAMPTZOID};
 
-		plan = SPI_prepare_cursor("INSERT INTO saga.inbox_messages (message_id, topic, key, payload,"
-								  " headers, next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6)",
-								  6, types, CURSOR_OPT_GENERIC_PLAN);
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed for saga.publish: %s", SPI_result_code_string(SPI_result));
-		SPI_keepplan(plan);
+		plan = saga_prepare_kept_generic("INSERT INTO saga.inbox_messages (message_id, topic, key, payload,"
+										 " headers, next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6)",
+										 6, types);
 	}
 	for (int i = 0; i < 6; i++)
 	{
@@ -1054,12 +1052,9 @@ saga_publish(PG_FUNCTION_ARGS)
 		 * Every name is qualified: this runs under the caller's search_path.
 		 * A generic plan, so that no call pays for planning.
 		 */
-		plan = SPI_prepare_cursor("INSERT INTO saga.queue (message_id, destination, topic, key, payload,"
-								  " headers, next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-								  7, types, CURSOR_OPT_GENERIC_PLAN);
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed for saga.publish: %s", SPI_result_code_string(SPI_result));
-		SPI_keepplan(plan);
+		plan = saga_prepare_kept_generic("INSERT INTO saga.queue (message_id, destination, topic, key, payload,"
+										 " headers, next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+										 7, types);
 	}
 	foreach(lc, destinations)
 	{

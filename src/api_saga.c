@@ -10,6 +10,7 @@
  */
 #include "saga.h"
 #include "api.h"
+#include "outbox.h"
 
 #include "access/xact.h"
 #include "catalog/namespace.h"
@@ -208,16 +209,13 @@ start_unkeyed(text *name, Jsonb *input, pg_uuid_t *id)
 		Oid			types[4] = {UUIDOID, TEXTOID, JSONBOID, OIDOID};
 
 		/* every name qualified: this runs under the caller's search_path */
-		plan = SPI_prepare_cursor("INSERT INTO saga.instances (id, name, version, driver, status, input,"
-								  "  owner, next_run_at, deadline)"
-								  " SELECT $1, d.name, d.version, 'worker', 'running', $3, $4,"
-								  "  pg_catalog.now(), pg_catalog.now() OPERATOR(pg_catalog.+) d.deadline"
-								  " FROM saga.definitions d WHERE d.name OPERATOR(pg_catalog.=) $2"
-								  " ORDER BY d.version DESC LIMIT 1",
-								  4, types, CURSOR_OPT_GENERIC_PLAN);
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed for saga.start: %s", SPI_result_code_string(SPI_result));
-		SPI_keepplan(plan);
+		plan = saga_prepare_kept_generic("INSERT INTO saga.instances (id, name, version, driver, status, input,"
+										 "  owner, next_run_at, deadline)"
+										 " SELECT $1, d.name, d.version, 'worker', 'running', $3, $4,"
+										 "  pg_catalog.now(), pg_catalog.now() OPERATOR(pg_catalog.+) d.deadline"
+										 " FROM saga.definitions d WHERE d.name OPERATOR(pg_catalog.=) $2"
+										 " ORDER BY d.version DESC LIMIT 1",
+										 4, types);
 	}
 	rc = SPI_execute_plan(plan, values, NULL, false, 0);
 	if (rc != SPI_OK_INSERT)

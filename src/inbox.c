@@ -76,13 +76,10 @@ saga_receive(PG_FUNCTION_ARGS)
 	{
 		Oid			types[6] = {UUIDOID, TEXTOID, TEXTOID, JSONBOID, JSONBOID, TEXTOID};
 
-		plan = SPI_prepare_cursor("INSERT INTO saga.inbox_messages (message_id, topic, key, payload,"
-								  " headers, source) VALUES ($1, $2, $3, $4, $5, $6)"
-								  " ON CONFLICT ON CONSTRAINT inbox_messages_pkey DO NOTHING",
-								  6, types, CURSOR_OPT_GENERIC_PLAN);
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed for saga.receive: %s", SPI_result_code_string(SPI_result));
-		SPI_keepplan(plan);
+		plan = saga_prepare_kept_generic("INSERT INTO saga.inbox_messages (message_id, topic, key, payload,"
+										 " headers, source) VALUES ($1, $2, $3, $4, $5, $6)"
+										 " ON CONFLICT ON CONSTRAINT inbox_messages_pkey DO NOTHING",
+										 6, types);
 	}
 	rc = SPI_execute_plan(plan, values, nulls, false, 0);
 	if (rc != SPI_OK_INSERT)

@@ -45,7 +45,7 @@ prepare_kept_with(const char *sql, int nargs, Oid *argtypes, int cursor_options)
 	SPIPlanPtr	plan = SPI_prepare_cursor(sql, nargs, argtypes, cursor_options);
 
 	if (plan == NULL)
-		elog(ERROR, "SPI_prepare failed for saga worker query: %s",
+		elog(ERROR, "SPI_prepare failed for a saga statement: %s",
 			 SPI_result_code_string(SPI_result));
 	SPI_keepplan(plan);
 	return plan;
@@ -55,6 +55,13 @@ SPIPlanPtr
 saga_prepare_kept(const char *sql, int nargs, Oid *argtypes)
 {
 	return prepare_kept_with(sql, nargs, argtypes, 0);
+}
+
+/* The same, planned once for any arguments: for the hot paths of the API. */
+SPIPlanPtr
+saga_prepare_kept_generic(const char *sql, int nargs, Oid *argtypes)
+{
+	return prepare_kept_with(sql, nargs, argtypes, CURSOR_OPT_GENERIC_PLAN);
 }
 
 /* The same, planned for the arguments of each execution. */

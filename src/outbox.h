@@ -42,6 +42,7 @@ typedef struct SagaRecordCounts
 
 extern SPIPlanPtr saga_prepare_kept(const char *sql, int nargs, Oid *argtypes);
 extern SPIPlanPtr saga_prepare_kept_custom(const char *sql, int nargs, Oid *argtypes);
+extern SPIPlanPtr saga_prepare_kept_generic(const char *sql, int nargs, Oid *argtypes);
 extern int	saga_execute_confined(SPIPlanPtr plan, Datum *values, const char *nulls);
 extern TimestampTz saga_query_timestamp(SPIPlanPtr *plan, const char *sql, const char *what);
 extern bool saga_outbox_extension_present(void);
