@@ -231,15 +231,17 @@ saga_start(PG_FUNCTION_ARGS)
 	static const Oid types[] = {TEXTOID, JSONBOID, TEXTOID};
 	bool		isnull;
 	Datum		v;
+	Jsonb	   *input;
 
 	saga_require_arg(fcinfo, 0, "saga name");
 	saga_require_arg(fcinfo, 1, "saga input");
-	if (PG_ARGISNULL(2) && JB_ROOT_IS_OBJECT(PG_GETARG_JSONB_P(1)))
+	input = PG_GETARG_JSONB_P(1);
+	if (PG_ARGISNULL(2) && JB_ROOT_IS_OBJECT(input))
 	{
 		pg_uuid_t  *id = palloc(sizeof(pg_uuid_t));
 
 		saga_uuid7(id->data);
-		if (start_unkeyed(PG_GETARG_TEXT_PP(0), PG_GETARG_JSONB_P(1), id))
+		if (start_unkeyed(PG_GETARG_TEXT_PP(0), input, id))
 		{
 			saga_wake_at_commit(0);
 			PG_RETURN_UUID_P(id);

@@ -260,8 +260,6 @@ typedef struct NotifyRow
 	int64		seq;
 	char	   *envelope;
 	Datum		published_at;
-	TimestampTz due;
-	bool		keyed;
 } NotifyRow;
 
 static int
@@ -402,6 +400,7 @@ saga_outbox_dispatch_notify(SagaDestination *dest, int limit, SagaNotifyCursor *
 		uint64		n;
 		int			rc;
 		bool		keyed = false;
+		SagaNotifyCursor last = *cursor;
 
 		args[1] = Int32GetDatum(limit - sent);
 		args[2] = TimestampTzGetDatum(cursor->valid ? cursor->due : DT_NOBEGIN);
@@ -420,15 +419,25 @@ saga_outbox_dispatch_notify(SagaDestination *dest, int limit, SagaNotifyCursor *
 			HeapTuple	tup = SPI_tuptable->vals[i];
 			TupleDesc	desc = SPI_tuptable->tupdesc;
 			bool		isnull;
+			TimestampTz due;
 
 			rows[i].seq = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
 			rows[i].envelope = SPI_getvalue(tup, desc, 2);
 			rows[i].published_at = SPI_getbinval(tup, desc, 3, &isnull);
-			rows[i].due = DatumGetTimestampTz(SPI_getbinval(tup, desc, 4, &isnull));
-			rows[i].keyed = DatumGetBool(SPI_getbinval(tup, desc, 5, &isnull));
-			keyed |= rows[i].keyed;
+			due = DatumGetTimestampTz(SPI_getbinval(tup, desc, 4, &isnull));
+			keyed |= DatumGetBool(SPI_getbinval(tup, desc, 5, &isnull));
+			/* the furthest row in index order: due time, then seq */
+			if (!last.valid || due > last.due || (due == last.due && rows[i].seq > last.seq))
+			{
+				last.due = due;
+				last.seq = rows[i].seq;
+				last.valid = true;
+			}
 		}
 		SPI_freetuptable(SPI_tuptable);
+		cursor->valid = false;
+		if (!keyed)
+			*cursor = last;
 		qsort(rows, n, sizeof(NotifyRow), notify_row_cmp);
 
 		for (uint64 i = 0; i < n; i++)
@@ -446,17 +455,7 @@ saga_outbox_dispatch_notify(SagaDestination *dest, int limit, SagaNotifyCursor *
 				Async_Notify(dest->target, small);
 			}
 			pfree(rows[i].envelope);
-			/* the index order: due time, then seq */
-			if (!keyed && (!cursor->valid || rows[i].due > cursor->due ||
-						   (rows[i].due == cursor->due && rows[i].seq > cursor->seq)))
-			{
-				cursor->due = rows[i].due;
-				cursor->seq = rows[i].seq;
-				cursor->valid = true;
-			}
 		}
-		if (keyed)
-			cursor->valid = false;
 		pfree(rows);
 		sent += (int) n;
 	}

@@ -40,14 +40,6 @@ typedef struct SagaRecordCounts
 	int			dead;
 } SagaRecordCounts;
 
-extern SPIPlanPtr saga_prepare_kept(const char *sql, int nargs, Oid *argtypes);
-extern SPIPlanPtr saga_prepare_kept_custom(const char *sql, int nargs, Oid *argtypes);
-extern SPIPlanPtr saga_prepare_kept_generic(const char *sql, int nargs, Oid *argtypes);
-extern int	saga_execute_confined(SPIPlanPtr plan, Datum *values, const char *nulls);
-extern TimestampTz saga_query_timestamp(SPIPlanPtr *plan, const char *sql, const char *what);
-extern bool saga_outbox_extension_present(void);
-extern void saga_outbox_reconcile(void);
-extern List *saga_outbox_destinations(void);
 /* where the previous NOTIFY batch of a cycle stopped, in index order */
 typedef struct SagaNotifyCursor
 {
@@ -56,6 +48,14 @@ typedef struct SagaNotifyCursor
 	int64		seq;
 } SagaNotifyCursor;
 
+extern SPIPlanPtr saga_prepare_kept(const char *sql, int nargs, Oid *argtypes);
+extern SPIPlanPtr saga_prepare_kept_custom(const char *sql, int nargs, Oid *argtypes);
+extern SPIPlanPtr saga_prepare_kept_generic(const char *sql, int nargs, Oid *argtypes);
+extern int	saga_execute_confined(SPIPlanPtr plan, Datum *values, const char *nulls);
+extern TimestampTz saga_query_timestamp(SPIPlanPtr *plan, const char *sql, const char *what);
+extern bool saga_outbox_extension_present(void);
+extern void saga_outbox_reconcile(void);
+extern List *saga_outbox_destinations(void);
 extern int	saga_outbox_dispatch_notify(SagaDestination *dest, int limit, SagaNotifyCursor *cursor);
 extern int	saga_outbox_claim_http(SagaHttp *http, SagaDestination *dest, int limit);
 extern int	saga_outbox_claim_pg(SagaPg *pg, SagaDestination *dest, int limit);
