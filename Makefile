@@ -17,7 +17,9 @@ OBJS = \
 	src/inbox.o \
 	src/invoke.o \
 	src/maintenance.o \
+	src/definitions.o \
 	src/routing.o \
+	src/row_insert.o \
 	src/uuid7.o
 
 DATA = $(wildcard sql/saga--*.sql)

@@ -146,8 +146,39 @@ SELECT try($$SELECT saga.publish('pub.t', '{}', NULL, jsonb_build_object('X-Big'
 SELECT try($$SELECT saga.publish('pub.t', '{}', NULL, NULL, 'infinity')$$);
 SELECT try($$SELECT saga.publish('pub.t', '{}', NULL, NULL, '-infinity')$$);
 
+-- a read-only transaction publishes nothing
+BEGIN READ ONLY;
+SELECT try($$SELECT saga.publish('pub.order.placed', '{}')$$);
+ROLLBACK;
+
+-- publish writes saga.queue without the executor: a trigger on the table is
+-- refused (it would not fire), and so is a column it does not know that needs
+-- a value; a nullable column without a default is left NULL
+CREATE FUNCTION pub_audit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$;
+CREATE TRIGGER audit BEFORE INSERT ON saga.queue FOR EACH ROW EXECUTE FUNCTION pub_audit();
+SELECT try($$SELECT saga.publish('pub.order.placed', '{}')$$);
+DROP TRIGGER audit ON saga.queue;
+DROP FUNCTION pub_audit();
+ALTER TABLE saga.queue ADD COLUMN extra integer NOT NULL DEFAULT 0;
+SELECT try($$SELECT saga.publish('pub.order.placed', '{}')$$);
+ALTER TABLE saga.queue DROP COLUMN extra;
+ALTER TABLE saga.queue ADD COLUMN note text;
+BEGIN;
+SELECT try($$SELECT saga.publish('pub.order.placed', '{}')$$);
+ROLLBACK;
+ALTER TABLE saga.queue DROP COLUMN note;
+
 \pset format aligned
 \pset tuples_only off
+
+-- every column of a published row is what the table's defaults would say
+BEGIN;
+SELECT saga.publish('pub.order.placed', '{"all": "columns"}', 'k1', '{"X-A": "1"}') AS m_all \gset
+SELECT destination, seq > 0 AS has_seq, topic, key, payload, headers, published_at = now() AS published_now,
+       next_attempt_at = now() AS due_now, lease_until, attempts, status, last_error, last_status,
+       finished_at, saga_call
+FROM saga.queue WHERE message_id = :'m_all' ORDER BY destination;
+ROLLBACK;
 
 -- only the two accepted calls queued anything
 SELECT key IS NOT NULL AS keyed, octet_length(payload::text) AS payload_bytes

@@ -31,12 +31,12 @@ CREATE TABLE saga.subscriptions (
 COMMENT ON TABLE saga.subscriptions IS 'which topics go to which destination; pattern "x.*" has prefix "x."';
 
 -- Backends cache the subscriptions for publish; any change makes them reread.
-CREATE FUNCTION saga.subscriptions_changed()
-RETURNS trigger LANGUAGE c AS 'MODULE_PATHNAME', 'saga_subscriptions_changed';
-COMMENT ON FUNCTION saga.subscriptions_changed() IS 'internal: tells backends to reread saga.subscriptions and saga.handlers after commit';
+CREATE FUNCTION saga.config_changed()
+RETURNS trigger LANGUAGE c AS 'MODULE_PATHNAME', 'saga_config_changed';
+COMMENT ON FUNCTION saga.config_changed() IS 'internal: tells backends to reread saga.subscriptions, saga.handlers and saga.definitions after commit';
 CREATE TRIGGER subscriptions_changed
     AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON saga.subscriptions
-    FOR EACH STATEMENT EXECUTE FUNCTION saga.subscriptions_changed();
+    FOR EACH STATEMENT EXECUTE FUNCTION saga.config_changed();
 
 -- One row per message and destination. Delivered rows are deleted at once,
 -- so the table holds only what is pending, dead-lettered, or kept for
@@ -151,6 +151,9 @@ CREATE TABLE saga.definitions (
     PRIMARY KEY (name, version)
 );
 COMMENT ON TABLE saga.definitions IS 'saga definitions, one row per version (internal; use saga.define())';
+CREATE TRIGGER definitions_changed
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON saga.definitions
+    FOR EACH STATEMENT EXECUTE FUNCTION saga.config_changed();
 
 -- One row per saga. next_run_at says when the worker has something to do
 -- for it (a step, a retry, a compensation, its deadline); NULL: nothing.
@@ -1214,7 +1217,7 @@ COMMENT ON TABLE saga.handlers IS 'inbox handlers by topic pattern (internal; us
 -- cache the patterns with the subscriptions, and reread both after a change
 CREATE TRIGGER handlers_changed
     AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON saga.handlers
-    FOR EACH STATEMENT EXECUTE FUNCTION saga.subscriptions_changed();
+    FOR EACH STATEMENT EXECUTE FUNCTION saga.config_changed();
 COMMENT ON COLUMN saga.handlers.handler IS 'the function, by OID: a function created later with the same name is not called in its place';
 COMMENT ON COLUMN saga.handlers.prefix IS 'for a pattern "x.*": "x."; for "*": empty; NULL for an exact topic';
 

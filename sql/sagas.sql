@@ -252,6 +252,20 @@ SELECT saga.cancel(:'first_id', 'customer changed their mind');
 SELECT status, error FROM saga.sagas WHERE id = :'first_id';
 ROLLBACK;
 SELECT count(*) AS instances_left FROM saga.instances WHERE name = 'sagas_order';
+-- the redefinition rolled back: a start gets version 2 again, and every
+-- column of its row is what the table's defaults and the definition say
+BEGIN;
+SELECT saga.start('sagas_order', '{"order": 6}') AS v2_id \gset
+SELECT version, driver, status, results, result, error, owner = current_user::regrole::oid AS mine,
+       idempotency_key, position, attempts, next_run_at = now() AS due_now, request_id,
+       deadline = now() + interval '1 hour' AS deadline_from_definition,
+       started_at = now() AS started_now, updated_at = now() AS updated_now, finished_at
+FROM saga.instances WHERE id = :'v2_id';
+ROLLBACK;
+-- a read-only transaction starts nothing
+BEGIN READ ONLY;
+SELECT try($$SELECT saga.start('sagas_order', '{}')$$);
+ROLLBACK;
 
 -- ---------- application-driven sagas ----------
 

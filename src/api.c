@@ -19,6 +19,7 @@
 #include "catalog/pg_class.h"
 #include "catalog/pg_type.h"
 #include "commands/dbcommands.h"
+#include "commands/sequence.h"
 #include "commands/extension.h"
 #include "commands/trigger.h"
 #include "executor/spi.h"
@@ -31,6 +32,7 @@
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "storage/lmgr.h"
+#include "tcop/utility.h"
 #include "utils/rel.h"
 #include "utils/syscache.h"
 #include "utils/timestamp.h"
@@ -51,7 +53,7 @@ PG_FUNCTION_INFO_V1(saga_drop_destination);
 PG_FUNCTION_INFO_V1(saga_publish);
 PG_FUNCTION_INFO_V1(saga_subscribe);
 PG_FUNCTION_INFO_V1(saga_unsubscribe);
-PG_FUNCTION_INFO_V1(saga_subscriptions_changed);
+PG_FUNCTION_INFO_V1(saga_config_changed);
 PG_FUNCTION_INFO_V1(saga_message);
 PG_FUNCTION_INFO_V1(saga_redeliver);
 PG_FUNCTION_INFO_V1(saga_metrics);
@@ -169,6 +171,13 @@ saga_wake_launcher_at_commit(void)
 {
 	register_callback();
 	wake_launcher_pending = true;
+}
+
+/* Has this transaction changed what backends keep copies of? */
+bool
+saga_config_changed_in_xact(void)
+{
+	return config_changed_pending;
 }
 
 /* Workers reread their destinations when this transaction commits. */
@@ -816,16 +825,17 @@ saga_drop_destination(PG_FUNCTION_ARGS)
 /* ---------- subscriptions ---------- */
 
 /*
- * Statement trigger on saga.subscriptions: however the table changes (the
- * API, plain SQL, pg_restore), backends reread their routes after commit.
+ * Statement trigger on saga.subscriptions, saga.handlers and
+ * saga.definitions: however they change (the API, plain SQL, pg_restore),
+ * backends reread their copies after commit.
  */
 Datum
-saga_subscriptions_changed(PG_FUNCTION_ARGS)
+saga_config_changed(PG_FUNCTION_ARGS)
 {
 	if (!CALLED_AS_TRIGGER(fcinfo))
 		ereport(ERROR,
 				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
-				 errmsg("saga.subscriptions_changed() must be called as a trigger")));
+				 errmsg("saga.config_changed() must be called as a trigger")));
 	saga_config_changed_at_commit();
 	PG_RETURN_POINTER(NULL);
 }
@@ -981,10 +991,42 @@ receive_locally(Datum *values, char *nulls)
 		elog(ERROR, "saga.publish: insert into the inbox failed: %s", SPI_result_code_string(rc));
 }
 
+/* a message's row in saga.queue, one per destination */
+static const char *const queue_columns[] = {
+	"message_id", "destination", "seq", "topic", "key", "payload", "headers",
+	"published_at", "next_attempt_at", "attempts", "status"
+};
+static const Oid queue_types[] = {
+	UUIDOID, TEXTOID, INT8OID, TEXTOID, TEXTOID, JSONBOID, JSONBOID,
+	TIMESTAMPTZOID, TIMESTAMPTZOID, INT4OID, TEXTOID
+};
+static SagaRowShape queue_row = {"queue", lengthof(queue_columns), queue_columns, queue_types};
+
+static void
+queue_insert(Oid queue, Oid queue_seq, Datum *values, char *nulls, const char *destination)
+{
+	Datum		row[lengthof(queue_columns)];
+	bool		rownulls[lengthof(queue_columns)] = {false};
+
+	row[0] = values[0];
+	row[1] = CStringGetTextDatum(destination);
+	row[2] = Int64GetDatum(nextval_internal(queue_seq, false));
+	row[3] = values[2];
+	row[4] = values[3];
+	rownulls[4] = nulls[3] == 'n';
+	row[5] = values[4];
+	row[6] = values[5];
+	rownulls[6] = nulls[5] == 'n';
+	row[7] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
+	row[8] = values[6];
+	row[9] = Int32GetDatum(0);
+	row[10] = CStringGetTextDatum("pending");
+	saga_insert_row(&queue_row, queue, row, rownulls);
+}
+
 Datum
 saga_publish(PG_FUNCTION_ARGS)
 {
-	static SPIPlanPtr plan = NULL;
 	char	   *topic;
 	text	   *key = NULL;
 	Jsonb	   *payload;
@@ -994,15 +1036,16 @@ saga_publish(PG_FUNCTION_ARGS)
 	SagaOwnerContext oc;
 	Oid			nsp;
 	Oid			queue;
+	Oid			queue_seq;
 	Oid			subscriptions;
 	List	   *destinations;
 	bool		to_inbox;
 	ListCell   *lc;
 	Datum		values[7];
 	char		nulls[7] = "       ";
-	int			rc;
 
 	saga_check_message(fcinfo, &topic, &payload, &key, &headers);
+	PreventCommandIfReadOnly("saga.publish()");
 	deliver_at = PG_ARGISNULL(4) ? GetCurrentTransactionStartTimestamp() : PG_GETARG_TIMESTAMPTZ(4);
 	if (TIMESTAMP_NOT_FINITE(deliver_at))
 		ereport(ERROR,
@@ -1022,8 +1065,9 @@ saga_publish(PG_FUNCTION_ARGS)
 	saga_begin_as_owner(&oc, false);
 	nsp = get_namespace_oid("saga", false);
 	queue = get_relname_relid("queue", nsp);
+	queue_seq = get_relname_relid("queue_seq", nsp);
 	subscriptions = get_relname_relid("subscriptions", nsp);
-	if (!OidIsValid(queue) || !OidIsValid(subscriptions))
+	if (!OidIsValid(queue) || !OidIsValid(queue_seq) || !OidIsValid(subscriptions))
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("extension \"saga\" is not installed correctly: its tables are missing")));
@@ -1033,7 +1077,7 @@ saga_publish(PG_FUNCTION_ARGS)
 	 * on it until it commits, and a route must not outlive its destination.
 	 */
 	LockRelationOid(queue, RowExclusiveLock);
-	destinations = saga_route(topic, subscriptions, config_changed_pending, &to_inbox);
+	destinations = saga_route(topic, subscriptions, &to_inbox);
 	if (to_inbox)
 		receive_locally(values, nulls);
 	if (destinations == NIL)
@@ -1044,25 +1088,8 @@ saga_publish(PG_FUNCTION_ARGS)
 		PG_RETURN_UUID_P(id);
 	}
 
-	if (plan == NULL)
-	{
-		Oid			types[7] = {UUIDOID, TEXTOID, TEXTOID, TEXTOID, JSONBOID, JSONBOID, TIMESTAMPTZOID};
-
-		/*
-		 * Every name is qualified: this runs under the caller's search_path.
-		 * A generic plan, so that no call pays for planning.
-		 */
-		plan = saga_prepare_kept_generic("INSERT INTO saga.queue (message_id, destination, topic, key, payload,"
-										 " headers, next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-										 7, types);
-	}
 	foreach(lc, destinations)
-	{
-		values[1] = CStringGetTextDatum((char *) lfirst(lc));
-		rc = SPI_execute_plan(plan, values, nulls, false, 0);
-		if (rc != SPI_OK_INSERT)
-			elog(ERROR, "saga.publish: insert failed: %s", SPI_result_code_string(rc));
-	}
+		queue_insert(queue, queue_seq, values, nulls, (char *) lfirst(lc));
 	saga_wake_at_commit(1);
 	saga_end_as_owner(&oc);
 

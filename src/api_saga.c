@@ -18,6 +18,7 @@
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "storage/latch.h"
+#include "tcop/utility.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
@@ -185,44 +186,69 @@ saga_define(PG_FUNCTION_ARGS)
 	PG_RETURN_DATUM(v);
 }
 
+/* a saga's row in saga.instances, as saga.start makes it */
+static const char *const instance_columns[] = {
+	"id", "name", "version", "driver", "status", "input", "results", "owner",
+	"position", "attempts", "next_run_at", "deadline", "started_at", "updated_at"
+};
+static const Oid instance_types[] = {
+	UUIDOID, TEXTOID, INT4OID, TEXTOID, TEXTOID, JSONBOID, JSONBOID, OIDOID,
+	INT4OID, INT4OID, TIMESTAMPTZOID, TIMESTAMPTZOID, TIMESTAMPTZOID, TIMESTAMPTZOID
+};
+static SagaRowShape instance_row = {"instances", lengthof(instance_columns), instance_columns, instance_types};
+
 /*
- * Start a saga without an idempotency key: one insert from the latest
- * definition, with a kept plan. Returns false, having done nothing, when the
- * saga is not defined; saga._start then raises the error.
+ * Start a saga without an idempotency key: one row from the latest
+ * definition (cached, definitions.c). Returns false, having done nothing,
+ * when the saga is not defined; saga._start then raises the error.
  */
 static bool
 start_unkeyed(text *name, Jsonb *input, pg_uuid_t *id)
 {
-	static SPIPlanPtr plan = NULL;
 	SagaOwnerContext oc;
-	Datum		values[4];
-	int			rc;
-	bool		inserted;
+	char	   *cname = text_to_cstring(name);
+	Datum		row[lengthof(instance_columns)];
+	bool		nulls[lengthof(instance_columns)] = {false};
+	TimestampTz now = GetCurrentTransactionStartTimestamp();
+	Oid			caller = GetUserId();
+	Oid			nsp;
+	Oid			definitions;
+	Oid			instances;
+	int32		version;
+	Interval   *deadline;
 
-	values[0] = UUIDPGetDatum(id);
-	values[1] = PointerGetDatum(name);
-	values[2] = JsonbPGetDatum(input);
-	values[3] = ObjectIdGetDatum(GetUserId());
 	saga_begin_as_owner(&oc, false);
-	if (plan == NULL)
+	nsp = get_namespace_oid("saga", false);
+	definitions = get_relname_relid("definitions", nsp);
+	instances = get_relname_relid("instances", nsp);
+	if (!OidIsValid(definitions) || !OidIsValid(instances))
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("extension \"saga\" is not installed correctly: its tables are missing")));
+	if (!saga_latest_definition(cname, definitions, &version, &deadline))
 	{
-		Oid			types[4] = {UUIDOID, TEXTOID, JSONBOID, OIDOID};
-
-		/* every name qualified: this runs under the caller's search_path */
-		plan = saga_prepare_kept_generic("INSERT INTO saga.instances (id, name, version, driver, status, input,"
-										 "  owner, next_run_at, deadline)"
-										 " SELECT $1, d.name, d.version, 'worker', 'running', $3, $4,"
-										 "  pg_catalog.now(), pg_catalog.now() OPERATOR(pg_catalog.+) d.deadline"
-										 " FROM saga.definitions d WHERE d.name OPERATOR(pg_catalog.=) $2"
-										 " ORDER BY d.version DESC LIMIT 1",
-										 4, types);
+		saga_end_as_owner(&oc);
+		return false;
 	}
-	rc = SPI_execute_plan(plan, values, NULL, false, 0);
-	if (rc != SPI_OK_INSERT)
-		elog(ERROR, "saga.start: insert failed: %s", SPI_result_code_string(rc));
-	inserted = SPI_processed == 1;
+	row[0] = UUIDPGetDatum(id);
+	row[1] = PointerGetDatum(name);
+	row[2] = Int32GetDatum(version);
+	row[3] = CStringGetTextDatum("worker");
+	row[4] = CStringGetTextDatum("running");
+	row[5] = JsonbPGetDatum(input);
+	row[6] = DirectFunctionCall1(jsonb_in, CStringGetDatum("{}"));
+	row[7] = ObjectIdGetDatum(caller);
+	row[8] = Int32GetDatum(0);
+	row[9] = Int32GetDatum(0);
+	row[10] = TimestampTzGetDatum(now);
+	row[11] = deadline ? DirectFunctionCall2(timestamptz_pl_interval, TimestampTzGetDatum(now),
+											 IntervalPGetDatum(deadline)) : (Datum) 0;
+	nulls[11] = deadline == NULL;
+	row[12] = TimestampTzGetDatum(now);
+	row[13] = TimestampTzGetDatum(now);
+	saga_insert_row(&instance_row, instances, row, nulls);
 	saga_end_as_owner(&oc);
-	return inserted;
+	return true;
 }
 
 Datum
@@ -235,6 +261,7 @@ saga_start(PG_FUNCTION_ARGS)
 
 	saga_require_arg(fcinfo, 0, "saga name");
 	saga_require_arg(fcinfo, 1, "saga input");
+	PreventCommandIfReadOnly("saga.start()");
 	input = PG_GETARG_JSONB_P(1);
 	if (PG_ARGISNULL(2) && JB_ROOT_IS_OBJECT(input))
 	{

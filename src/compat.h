@@ -21,4 +21,12 @@
 #include "common/pg_prng.h"
 #endif
 
+#if PG_VERSION_NUM >= 160000
+#define SagaExecInsertIndexTuples(rri, slot, estate) \
+	ExecInsertIndexTuples((rri), (slot), (estate), false, false, NULL, NIL, false)
+#else
+#define SagaExecInsertIndexTuples(rri, slot, estate) \
+	ExecInsertIndexTuples((rri), (slot), (estate), false, false, NULL, NIL)
+#endif
+
 #endif							/* SAGA_COMPAT_H */

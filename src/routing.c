@@ -26,32 +26,23 @@ typedef struct Route
 	char	   *destination;	/* NULL: this database's inbox */
 } Route;
 
-static MemoryContext routes_cxt = NULL;
+static SagaCopy routes_copy = {"routes"};
 static Route *routes = NULL;
 static int	nroutes = 0;
-static bool routes_valid = false;
-static uint64 routes_version = 0;
-static Oid	routes_relid = InvalidOid;
 
 static void
-load_routes(void)
+load_routes(MemoryContext cxt)
 {
 	int			rc;
 
-	if (routes_cxt == NULL)
-		routes_cxt = AllocSetContextCreate(TopMemoryContext, "saga routes",
-										   ALLOCSET_SMALL_SIZES);
-	MemoryContextReset(routes_cxt);
 	routes = NULL;
 	nroutes = 0;
-	routes_valid = false;
-
 	rc = SPI_execute("SELECT pattern, prefix, destination FROM saga.subscriptions"
 					 " UNION ALL SELECT DISTINCT pattern, prefix, NULL FROM saga.handlers", true, 0);
 	if (rc != SPI_OK_SELECT)
 		elog(ERROR, "could not read saga.subscriptions: %s", SPI_result_code_string(rc));
 
-	routes = MemoryContextAllocZero(routes_cxt, sizeof(Route) * Max(SPI_processed, 1));
+	routes = MemoryContextAllocZero(cxt, sizeof(Route) * Max(SPI_processed, 1));
 	for (uint64 i = 0; i < SPI_processed; i++)
 	{
 		HeapTuple	tup = SPI_tuptable->vals[i];
@@ -60,11 +51,11 @@ load_routes(void)
 		Route	   *r = &routes[nroutes++];
 
 		if (prefix != NULL)
-			r->prefix = MemoryContextStrdup(routes_cxt, prefix);
+			r->prefix = MemoryContextStrdup(cxt, prefix);
 		else
-			r->pattern = MemoryContextStrdup(routes_cxt, SPI_getvalue(tup, desc, 1));
+			r->pattern = MemoryContextStrdup(cxt, SPI_getvalue(tup, desc, 1));
 		if (SPI_getvalue(tup, desc, 3) != NULL)
-			r->destination = MemoryContextStrdup(routes_cxt, SPI_getvalue(tup, desc, 3));
+			r->destination = MemoryContextStrdup(cxt, SPI_getvalue(tup, desc, 3));
 	}
 }
 
@@ -76,22 +67,12 @@ load_routes(void)
  * committed before that lock was granted has already moved the version.
  */
 List *
-saga_route(const char *topic, Oid subscriptions_relid, bool changed_in_xact, bool *to_inbox)
+saga_route(const char *topic, Oid subscriptions_relid, bool *to_inbox)
 {
-	uint64		version = saga_config_version();
 	List	   *result = NIL;
 
 	*to_inbox = false;
-
-	if (!routes_valid || saga_shared == NULL || changed_in_xact ||
-		version != routes_version || subscriptions_relid != routes_relid)
-	{
-		load_routes();
-		routes_version = version;
-		routes_relid = subscriptions_relid;
-		/* what this transaction changed may yet roll back: use it once */
-		routes_valid = !changed_in_xact;
-	}
+	saga_copy_refresh(&routes_copy, subscriptions_relid, load_routes);
 
 	for (int i = 0; i < nroutes; i++)
 	{

@@ -7,6 +7,7 @@
 
 #include "postgres.h"
 
+#include "access/attnum.h"
 #include "datatype/timestamp.h"
 #include "nodes/pg_list.h"
 #include "port/atomics.h"
@@ -78,6 +79,18 @@ extern void saga_wake_worker(Oid dboid);
 extern void saga_wake_launcher(bool recheck);
 extern uint64 saga_config_version(void);
 
+/* a backend's copy of a configuration table, reread when the version moves */
+typedef struct SagaCopy
+{
+	const char *name;			/* identifies its memory context */
+	MemoryContext cxt;
+	bool		valid;
+	uint64		version;
+	Oid			relid;
+} SagaCopy;
+
+extern void saga_copy_refresh(SagaCopy *copy, Oid relid, void (*load) (MemoryContext cxt));
+
 /* launcher.c */
 extern void saga_register_launcher(void);
 extern PGDLLEXPORT void saga_launcher_main(Datum arg);
@@ -87,8 +100,26 @@ extern void saga_stop_worker_for_database(Oid dboid);
 extern PGDLLEXPORT void saga_worker_main(Datum arg);
 
 /* routing.c */
-extern List *saga_route(const char *topic, Oid subscriptions_relid, bool changed_in_xact,
-						bool *to_inbox);
+extern List *saga_route(const char *topic, Oid subscriptions_relid, bool *to_inbox);
+
+/* definitions.c */
+extern bool saga_latest_definition(const char *name, Oid relid, int32 *version,
+								   Interval **deadline);
+
+/* row_insert.c: the columns one kind of row fills, by name and type */
+typedef struct SagaRowShape
+{
+	const char *table;			/* in schema saga */
+	int			ncolumns;
+	const char *const *columns;
+	const Oid  *types;
+	/* where they are in the table, found on first use */
+	Oid			relid;
+	int			natts;
+	AttrNumber *attnums;
+} SagaRowShape;
+
+extern void saga_insert_row(SagaRowShape *shape, Oid relid, const Datum *values, const bool *nulls);
 
 /* uuid7.c */
 extern void saga_uuid7(unsigned char *out);
@@ -97,5 +128,6 @@ extern void saga_uuid7(unsigned char *out);
 extern void saga_wake_at_commit(int published);
 extern void saga_wake_launcher_at_commit(void);
 extern void saga_config_changed_at_commit(void);
+extern bool saga_config_changed_in_xact(void);
 
 #endif							/* SAGA_H */

@@ -11,6 +11,7 @@
 #include "storage/ipc.h"
 #include "storage/lwlock.h"
 #include "storage/shmem.h"
+#include "utils/memutils.h"
 
 SagaShared *saga_shared = NULL;
 
@@ -106,11 +107,44 @@ saga_wake_worker(Oid dboid)
 		SetLatch(latch);
 }
 
-/* Changes whenever a destination was created or dropped, in any database. */
+/*
+ * Changes whenever a destination, subscription, handler or saga definition
+ * changed, in any database.
+ */
 uint64
 saga_config_version(void)
 {
 	return saga_shared ? pg_atomic_read_u64(&saga_shared->config_version) : 0;
+}
+
+/*
+ * A backend's copy of a configuration table (routes, definitions): read it
+ * again with load, into an emptied memory context, unless it is up to date.
+ * It is while the shared version has not moved, which a trigger on the
+ * table does at commit. A transaction that changed the table itself reads
+ * it for each use, as its change may yet roll back. Without the preload
+ * there is no shared version, and it is read every time.
+ */
+void
+saga_copy_refresh(SagaCopy *copy, Oid relid, void (*load) (MemoryContext cxt))
+{
+	uint64		version = saga_config_version();
+	bool		changed_in_xact = saga_config_changed_in_xact();
+
+	if (copy->valid && saga_shared != NULL && !changed_in_xact &&
+		version == copy->version && relid == copy->relid)
+		return;
+	copy->valid = false;
+	if (copy->cxt == NULL)
+	{
+		copy->cxt = AllocSetContextCreate(TopMemoryContext, "saga copy", ALLOCSET_SMALL_SIZES);
+		MemoryContextSetIdentifier(copy->cxt, copy->name);
+	}
+	MemoryContextReset(copy->cxt);
+	load(copy->cxt);
+	copy->version = version;
+	copy->relid = relid;
+	copy->valid = !changed_in_xact;
 }
 
 void

@@ -74,7 +74,7 @@ SELECT col_type_is('saga', 'dead_letters', 'dead_at', 'timestamp with time zone'
 -- functions: names, signatures, return types
 SELECT functions_are('saga', ARRAY['create_destination', 'drop_destination', 'subscribe', 'unsubscribe',
 								   'publish', 'message', 'redeliver', 'metrics', 'worker_status',
-								   'subscriptions_changed',
+								   'config_changed',
 								   'define', 'start', 'begin', 'step', 'complete', 'fail', 'cancel', 'retry',
 								   'get', 'wait', 'invoke', 'compensate',
 								   '_may_control', '_resolve_call', '_interval', '_define', '_start', '_begin',
