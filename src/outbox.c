@@ -57,7 +57,10 @@ saga_prepare_kept(const char *sql, int nargs, Oid *argtypes)
 	return prepare_kept_with(sql, nargs, argtypes, 0);
 }
 
-/* The same, planned once for any arguments: for the hot paths of the API. */
+/*
+ * The same, planned once for any arguments: for hot statements whose best
+ * plan does not depend on them.
+ */
 SPIPlanPtr
 saga_prepare_kept_generic(const char *sql, int nargs, Oid *argtypes)
 {
@@ -79,7 +82,9 @@ saga_prepare_kept_custom(const char *sql, int nargs, Oid *argtypes)
  * statements over them are therefore planned with sequential scans, bitmap
  * scans and sorts disabled, and JIT too: the cost of a disabled plan type
  * would call for compiling. Their plans are custom, so each execution is
- * planned under these settings.
+ * planned under these settings, or generic where one plan fits every
+ * argument: it is made, and remade after an invalidation, inside the
+ * confined execution too.
  */
 static int
 confine_planner(void)
@@ -883,9 +888,14 @@ saga_outbox_next_due(SagaDestination *dest)
 	{
 		Oid			types[1] = {TEXTOID};
 
-		plan = saga_prepare_kept_custom("SELECT min(next_attempt_at) FROM saga.queue"
-										" WHERE destination = $1 AND status = 'pending' AND next_attempt_at > now()",
-										1, types);
+		/*
+		 * Generic: one plan, made inside the confined execution, serves every
+		 * destination, and a commit that publishes (a wake-up) does not pay
+		 * for planning it once per destination.
+		 */
+		plan = saga_prepare_kept_generic("SELECT min(next_attempt_at) FROM saga.queue"
+										 " WHERE destination = $1 AND status = 'pending' AND next_attempt_at > now()",
+										 1, types);
 	}
 	args[0] = CStringGetTextDatum(dest->name);
 	/* not read-only: it must see the retries recorded earlier in this transaction */
