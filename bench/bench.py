@@ -269,7 +269,9 @@ def bench_publish(ctx):
                             "INSERT INTO plain_outbox (message_id, destination, topic, payload,"
                             " next_attempt_at) VALUES (gen_random_uuid(), 'stalled', 'bench.t',"
                             " '%s', now());\n" % (NOTE, PAYLOAD),
+        "insert+select 1": "INSERT INTO bench_orders (note) VALUES ('%s') \\; SELECT 1;\n" % NOTE,
     }
+    references = ["insert+plain row", "insert+select 1"]
     files = {}
     for k, text in scripts.items():
         files[k] = os.path.join(cl.dir, k.replace("+", "_").replace(" ", "_") + ".sql")
@@ -283,8 +285,9 @@ def bench_publish(ctx):
         " payload: 200-byte JSON")
     say("   each transaction is one round trip (one simple-protocol query; the variants"
         " send both statements joined with \\;)")
-    say("   reference, not a target: insert+plain row adds a row to plain_outbox (LIKE saga.queue"
-        " INCLUDING DEFAULTS, CONSTRAINTS, INDEXES): the cost of a hand-rolled outbox row")
+    say("   references, not targets: insert+plain row adds a row to plain_outbox (LIKE saga.queue"
+        " INCLUDING DEFAULTS, CONSTRAINTS, INDEXES): the cost of a hand-rolled outbox row;"
+        " insert+select 1 adds a statement that does nothing: the cost of any second statement")
     for k in scripts:
         say("   %-17s %s -f %s %s" % (k + ":", " ".join(cmd), files[k], " ".join(cl.conninfo_args())))
         say("   %-17s %s" % ("", abbreviate(scripts[k].strip())))
@@ -337,19 +340,19 @@ def bench_publish(ctx):
     cl.stop()
     rounds = range(len(tps["insert"]))
     ratios = [tps["insert+publish"][i] / tps["insert"][i] for i in rounds]
-    refs = [tps["insert+plain row"][i] / tps["insert"][i] for i in rounds]
     base, fig = statistics.median(tps["insert"]), statistics.median(tps["insert+publish"])
     ratio = statistics.median(ratios)
     say("   medians: insert %s tps, insert+publish %s tps; ratio %.2f (median of the per-round"
         " ratios %s)" % (fmt_int(base), fmt_int(fig), ratio, ", ".join("%.2f" % x for x in ratios)))
-    say("   reference insert+plain row: %.2f of insert (median of %s)"
-        % (statistics.median(refs), ", ".join("%.2f" % x for x in refs)))
+    for k in references:
+        refs = [tps[k][i] / tps["insert"][i] for i in rounds]
+        say("   reference %s: %.2f of insert (median of %s)"
+            % (k, statistics.median(refs), ", ".join("%.2f" % x for x in refs)))
     if all(cpu.values()):
         med = {k: statistics.median(sum(x) for x in v) for k, v in cpu.items()}
-        say("   server CPU per transaction (medians; less sensitive to other load than TPS): insert %.0f us,"
-            " insert+publish %.0f us (CPU ratio %.2f), insert+plain row %.0f us (%.2f)"
-            % (med["insert"], med["insert+publish"], med["insert"] / med["insert+publish"],
-               med["insert+plain row"], med["insert"] / med["insert+plain row"]))
+        say("   server CPU per transaction (medians; less sensitive to other load than TPS): insert %.0f us, %s"
+            % (med["insert"], ", ".join("%s %.0f us (CPU ratio %.2f)" % (k, med[k], med["insert"] / med[k])
+                                         for k in ["insert+publish"] + references)))
     return [Row("publish overhead (tps)", fmt_int(fig) + " tps", fmt_int(base) + " tps",
                 ratio, ">= 0.85", ratio >= 0.85)]
 
