@@ -77,7 +77,8 @@ SELECT pg_catalog.pg_extension_config_dump('saga.subscriptions', '');
 SELECT pg_catalog.pg_extension_config_dump('saga.queue', '');
 SELECT pg_catalog.pg_extension_config_dump('saga.queue_seq', '');
 
-CREATE VIEW saga.outbox AS
+CREATE VIEW saga.outbox(message_id, topic, key, destination, status, attempts, next_attempt_at,
+                        last_error, last_status, published_at) AS
 SELECT q.message_id, q.topic, q.key, q.destination,
        CASE WHEN q.lease_until > pg_catalog.now() THEN 'in_flight'
             WHEN q.attempts > 0 THEN 'retrying'
@@ -88,7 +89,8 @@ FROM saga.queue q
 WHERE q.status = 'pending';
 COMMENT ON VIEW saga.outbox IS 'messages not yet delivered, per destination';
 
-CREATE VIEW saga.dead_letters AS
+CREATE VIEW saga.dead_letters(message_id, topic, key, destination, attempts, last_error, last_status,
+                              dead_at, payload, headers, published_at) AS
 SELECT q.message_id, q.topic, q.key, q.destination, q.attempts, q.last_error,
        q.last_status, q.finished_at AS dead_at, q.payload, q.headers, q.published_at
 FROM saga.queue q
@@ -1099,21 +1101,24 @@ COMMENT ON FUNCTION saga._received(tid, uuid, integer, integer, text, text) IS '
 
 -- ---------- views ----------
 
-CREATE VIEW saga.sagas WITH (security_barrier) AS
+CREATE VIEW saga.sagas(id, name, version, status, input, error, started_at, updated_at, deadline,
+                       driver, owner, idempotency_key, result, finished_at) WITH (security_barrier) AS
 SELECT i.id, i.name, i.version, i.status, i.input, i.error, i.started_at, i.updated_at, i.deadline,
        i.driver, pg_catalog.pg_get_userbyid(i.owner) AS owner, i.idempotency_key, i.result, i.finished_at
 FROM saga.instances i
 WHERE saga._may_control((SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = current_user), i.owner);
 COMMENT ON VIEW saga.sagas IS 'sagas of the current role (every saga for administrators)';
 
-CREATE VIEW saga.saga_steps WITH (security_barrier) AS
+CREATE VIEW saga.saga_steps(saga_id, step, position, status, attempts, result, error, updated_at,
+                            compensation, compensation_attempts, compensation_error, started_at,
+                            finished_at, compensated_at) WITH (security_barrier) AS
 SELECT x.saga_id, x.step, x.position, x.status, x.attempts, x.result, x.error, x.updated_at,
        x.compensation, x.compensation_attempts, x.compensation_error, x.started_at, x.finished_at, x.compensated_at
 FROM saga.instance_steps x JOIN saga.instances i ON i.id = x.saga_id
 WHERE saga._may_control((SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = current_user), i.owner);
 COMMENT ON VIEW saga.saga_steps IS 'steps of the current role''s sagas, with results, attempts and errors';
 
-CREATE VIEW saga.stuck WITH (security_barrier) AS
+CREATE VIEW saga.stuck(id, name, status, reason, since) WITH (security_barrier) AS
 SELECT i.id, i.name, i.status,
        CASE WHEN i.status = 'failed' THEN i.error
             ELSE format('deadline passed at %s', i.deadline) END AS reason,
@@ -1244,7 +1249,8 @@ COMMENT ON TABLE saga.inbox_messages IS 'messages received with saga.receive(), 
 SELECT pg_catalog.pg_extension_config_dump('saga.handlers', '');
 SELECT pg_catalog.pg_extension_config_dump('saga.inbox_messages', '');
 
-CREATE VIEW saga.inbox AS
+CREATE VIEW saga.inbox(message_id, topic, key, source, status, received_at, processed_at,
+                       attempts, next_attempt_at, last_error) AS
 SELECT m.message_id, m.topic, m.key, m.source, m.status, m.received_at, m.processed_at,
        m.attempts, m.next_attempt_at, m.last_error
 FROM saga.inbox_messages m;

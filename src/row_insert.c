@@ -21,9 +21,7 @@
 #include "access/xact.h"
 #include "commands/trigger.h"
 #include "executor/executor.h"
-#include "miscadmin.h"
 #include "parser/parse_relation.h"
-#include "tcop/utility.h"
 #include "utils/builtins.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
@@ -99,7 +97,9 @@ shape_matches(SagaRowShape *shape, Relation rel)
 
 /*
  * Insert one row into saga.<shape->table> (relid), values and nulls in the
- * order of shape->columns. The caller runs as the extension's owner.
+ * order of shape->columns. The caller runs as the extension's owner and has
+ * refused a read-only transaction (PreventCommandIfReadOnly), naming the
+ * API function the user called.
  */
 void
 saga_insert_row(SagaRowShape *shape, Oid relid, const Datum *values, const bool *nulls)
@@ -108,15 +108,6 @@ saga_insert_row(SagaRowShape *shape, Oid relid, const Datum *values, const bool 
 	EState	   *estate;
 	ResultRelInfo *rri;
 	TupleTableSlot *slot;
-
-	/* what the executor would have refused */
-	if (XactReadOnly || IsInParallelMode())
-	{
-		const char *what = psprintf("INSERT INTO saga.%s", shape->table);
-
-		PreventCommandIfReadOnly(what);
-		PreventCommandIfParallelMode(what);
-	}
 
 	rel = table_open(relid, RowExclusiveLock);
 	if (has_insert_triggers(rel))
