@@ -261,6 +261,9 @@ def bench_publish(ctx):
     # indexes, in a plain table) adds to the same transaction
     c.query("CREATE TABLE plain_outbox (LIKE saga.queue INCLUDING DEFAULTS INCLUDING CONSTRAINTS"
             " INCLUDING INDEXES) WITH (fillfactor = 90)")
+    # the floor of any outbox that writes a row in the user's transaction:
+    # the same row in a table with no index and no constraint
+    c.query("CREATE TABLE bare_outbox (LIKE saga.queue INCLUDING DEFAULTS)")
     scripts = {
         "insert": "INSERT INTO bench_orders (note) VALUES ('%s');\n" % NOTE,
         "insert+publish": "INSERT INTO bench_orders (note) VALUES ('%s') \\; "
@@ -269,9 +272,15 @@ def bench_publish(ctx):
                             "INSERT INTO plain_outbox (message_id, destination, topic, payload,"
                             " next_attempt_at) VALUES (gen_random_uuid(), 'stalled', 'bench.t',"
                             " '%s', now());\n" % (NOTE, PAYLOAD),
+        "insert+bare row": "INSERT INTO bench_orders (note) VALUES ('%s') \\; "
+                           "INSERT INTO bare_outbox (message_id, destination, topic, payload,"
+                           " next_attempt_at) VALUES (gen_random_uuid(), 'stalled', 'bench.t',"
+                           " '%s', now());\n" % (NOTE, PAYLOAD),
+        "insert+WAL record": "INSERT INTO bench_orders (note) VALUES ('%s') \\; "
+                             "SELECT pg_logical_emit_message(true, 'bench.t', '%s');\n" % (NOTE, PAYLOAD),
         "insert+select 1": "INSERT INTO bench_orders (note) VALUES ('%s') \\; SELECT 1;\n" % NOTE,
     }
-    references = ["insert+plain row", "insert+select 1"]
+    references = ["insert+plain row", "insert+bare row", "insert+WAL record", "insert+select 1"]
     files = {}
     for k, text in scripts.items():
         files[k] = os.path.join(cl.dir, k.replace("+", "_").replace(" ", "_") + ".sql")
@@ -287,6 +296,10 @@ def bench_publish(ctx):
         " send both statements joined with \\;)")
     say("   references, not targets: insert+plain row adds a row to plain_outbox (LIKE saga.queue"
         " INCLUDING DEFAULTS, CONSTRAINTS, INDEXES): the cost of a hand-rolled outbox row;"
+        " insert+bare row adds the same row to a table with no index and no constraint: the floor"
+        " of any outbox that writes a row in the user's transaction;"
+        " insert+WAL record writes the payload to WAL only (pg_logical_emit_message): the floor of"
+        " any outbox whose messages are durable at commit;"
         " insert+select 1 adds a statement that does nothing: the cost of any second statement")
     for k in scripts:
         say("   %-17s %s -f %s %s" % (k + ":", " ".join(cmd), files[k], " ".join(cl.conninfo_args())))

@@ -168,6 +168,33 @@ SELECT try($$SELECT saga.publish('pub.order.placed', '{}')$$);
 ROLLBACK;
 ALTER TABLE saga.queue DROP COLUMN note;
 
+-- the table's indexes are described once and kept; any index created or
+-- dropped since, of any kind, is maintained (or no longer touched) at once
+BEGIN;
+SELECT saga.publish('pub.order.indexed', '{"n": 1}') IS NOT NULL AS published;
+CREATE UNIQUE INDEX queue_once ON saga.queue (topic) WHERE topic = 'pub.order.indexed';
+CREATE INDEX queue_n ON saga.queue ((payload->>'n'));
+CREATE INDEX queue_topic_hash ON saga.queue USING hash (topic);
+SELECT try($$SELECT saga.publish('pub.order.indexed', '{}')$$);
+SELECT saga.publish('pub.order.indexed2', '{"n": 2}') IS NOT NULL AS published;
+SET LOCAL enable_seqscan = off;
+SET LOCAL enable_bitmapscan = off;
+EXPLAIN (COSTS OFF) SELECT count(*) FROM saga.queue WHERE payload->>'n' = '2';
+SELECT count(*) FROM saga.queue WHERE payload->>'n' = '2';
+EXPLAIN (COSTS OFF) SELECT count(*) FROM saga.queue WHERE topic = 'pub.order.indexed2';
+SELECT count(*) FROM saga.queue WHERE topic = 'pub.order.indexed2';
+DROP INDEX saga.queue_n, saga.queue_topic_hash, saga.queue_once;
+SELECT saga.publish('pub.order.indexed', '{"n": 3}') IS NOT NULL AS published;
+ROLLBACK;
+-- a deferrable constraint checks through a trigger: refused like the others
+BEGIN;
+ALTER TABLE saga.queue ADD CONSTRAINT queue_deferred UNIQUE (message_id, destination) DEFERRABLE;
+SELECT try($$SELECT saga.publish('pub.order.placed', '{}')$$);
+ROLLBACK;
+BEGIN;
+SELECT saga.publish('pub.order.placed', '{}') IS NOT NULL AS published;
+ROLLBACK;
+
 \pset format aligned
 \pset tuples_only off
 

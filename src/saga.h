@@ -117,6 +117,12 @@ typedef struct SagaRowShape
 	Oid			relid;
 	int			natts;
 	AttrNumber *attnums;
+	/* the table's indexes, described once (row_insert.c) */
+	MemoryContext index_cxt;
+	bool		indexes_valid;
+	int			nindexes;		/* -1 while being described */
+	Oid		   *index_oids;
+	struct IndexInfo **index_infos;	/* NULL: built for each row */
 } SagaRowShape;
 
 extern void saga_insert_row(SagaRowShape *shape, Oid relid, const Datum *values, const bool *nulls);

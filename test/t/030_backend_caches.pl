@@ -108,6 +108,43 @@ my $error = $app->query_safe(q{
 	SELECT message FROM start_error});
 like($error, qr/saga "e" is not defined/, 'nor by the session that had it in its copy');
 
+# ---------- the indexes of saga.queue and saga.instances ----------
+# publish and start keep their description of these tables' indexes; indexes
+# another session builds or drops concurrently, while the application
+# session keeps its description, must be maintained (or left alone) at once
+
+$node->safe_psql('postgres', q{
+	SELECT saga.subscribe('t.idx', 'b');
+	CREATE FUNCTION attempt(q text) RETURNS text LANGUAGE plpgsql AS $$
+	BEGIN EXECUTE q; RETURN 'ok'; EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE; END $$;
+});
+sub attempt_in_app
+{
+	my ($sql) = @_;
+	my $state = $app->query_safe("SELECT attempt(\$q\$$sql\$q\$)");
+	$state =~ s/\s+//g;
+	return $state;
+}
+my $publish_idx = q{SELECT saga.publish('t.idx', '{}')};
+my $start_u = q{SELECT saga.start('d', '{"u": 1}')};
+
+is(attempt_in_app($publish_idx), 'ok', 'publish before the new index');
+$node->safe_psql('postgres',
+	q{CREATE UNIQUE INDEX CONCURRENTLY queue_idx_once ON saga.queue (topic) WHERE topic = 't.idx'});
+is(attempt_in_app($publish_idx), '23505', 'a unique index built concurrently by another session is enforced');
+$node->safe_psql('postgres', q{DROP INDEX CONCURRENTLY saga.queue_idx_once});
+is(attempt_in_app($publish_idx), 'ok', 'and once dropped, it is left alone');
+is(logged('t.idx'), 'b,b', 'the two accepted publishes are queued');
+
+is(attempt_in_app($start_u), 'ok', 'start before the new index');
+$node->safe_psql('postgres',
+	q{CREATE UNIQUE INDEX CONCURRENTLY instances_u ON saga.instances ((input->>'u')) WHERE input ? 'u'});
+is(attempt_in_app($start_u), '23505', 'an expression index built concurrently by another session is enforced');
+$node->safe_psql('postgres', q{DROP INDEX CONCURRENTLY saga.instances_u});
+is(attempt_in_app($start_u), 'ok', 'and once dropped, it is left alone');
+is($node->safe_psql('postgres', q{SELECT count(*) FROM saga.instances WHERE input ? 'u'}), '2',
+	'the two accepted starts made their sagas');
+
 $app->quit;
 $node->stop;
 done_testing();
