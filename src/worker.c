@@ -73,13 +73,17 @@
 #define MIN_WAKE_INTERVAL_MS	2
 
 /*
- * The worker vacuums saga.queue itself once it has deleted this many rows
- * (and not more often than VACUUM_INTERVAL_MS): at thousands of messages a
- * second, waiting for autovacuum's next round lets the table grow by all the
- * rows deleted in between, and the claims walk their dead index entries.
+ * The worker vacuums saga.queue itself once it has deleted this many rows:
+ * at thousands of messages a second, waiting for autovacuum's next round lets
+ * the table grow by all the rows deleted in between, and the claims walk
+ * their dead index entries. A vacuum's cost grows with the table, so the
+ * next one starts no sooner than VACUUM_PAUSE_FACTOR times the last one's
+ * duration after it (vacuum takes at most a fifth of the worker's time), and
+ * at least VACUUM_MIN_PAUSE_MS after it.
  */
 #define VACUUM_AFTER_DELETES	20000
-#define VACUUM_INTERVAL_MS		1000
+#define VACUUM_PAUSE_FACTOR		5
+#define VACUUM_MIN_PAUSE_MS		100
 /* ... and once it has been idle this long after deleting some */
 #define VACUUM_WHEN_IDLE_AFTER	1000
 #define VACUUM_IDLE_MS			1000
@@ -102,6 +106,7 @@ static SagaPg *pg = NULL;
 
 /* rows deleted since the worker last vacuumed saga.queue */
 static uint64 deleted_since_vacuum = 0;
+static long vacuum_pause_ms = VACUUM_MIN_PAUSE_MS;
 
 static void
 set_state(SagaWorkerState state)
@@ -446,8 +451,13 @@ vacuum_queue(void)
 	VacuumStmt *stmt = makeNode(VacuumStmt);
 	MemoryContext portal = AllocSetContextCreate(TopMemoryContext, "saga vacuum",
 												 ALLOCSET_DEFAULT_SIZES);
+	TimestampTz start = GetCurrentTimestamp();
 
-	stmt->options = NIL;
+	/*
+	 * No truncation of empty pages at the end: it takes an exclusive lock
+	 * that publishers queue behind, and the queue refills them soon anyway.
+	 */
+	stmt->options = list_make1(makeDefElem("truncate", (Node *) makeString("false"), -1));
 	stmt->rels = list_make1(makeVacuumRelation(makeRangeVar("saga", "queue", -1),
 											   InvalidOid, NIL));
 	stmt->is_vacuumcmd = true;
@@ -463,6 +473,8 @@ vacuum_queue(void)
 	pgstat_report_stat(false);
 	pgstat_report_activity(STATE_IDLE, NULL);
 	deleted_since_vacuum = 0;
+	vacuum_pause_ms = Max(VACUUM_MIN_PAUSE_MS, VACUUM_PAUSE_FACTOR *
+						  TimestampDifferenceMilliseconds(start, GetCurrentTimestamp()));
 }
 
 static bool
@@ -660,7 +672,7 @@ saga_worker_main(Datum arg)
 			if (sweep)
 				next_sweep = TimestampTzPlusMilliseconds(now, RETENTION_SWEEP_MS);
 			if (deleted_since_vacuum >= VACUUM_AFTER_DELETES &&
-				TimestampDifferenceExceeds(last_vacuum, now, VACUUM_INTERVAL_MS))
+				TimestampDifferenceExceeds(last_vacuum, now, vacuum_pause_ms))
 			{
 				last_vacuum = now;
 				vacuum_queue();
