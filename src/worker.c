@@ -14,7 +14,10 @@
 #include <malloc.h>
 #endif
 
+#include "access/htup_details.h"
 #include "access/xact.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_class.h"
 #include "commands/dbcommands.h"
 #include "commands/vacuum.h"
 #include "nodes/makefuncs.h"
@@ -33,6 +36,7 @@
 #include "utils/guc.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
+#include "utils/syscache.h"
 #include "utils/timestamp.h"
 
 #include "compat.h"
@@ -77,9 +81,11 @@
  * at thousands of messages a second, waiting for autovacuum's next round lets
  * the table grow by all the rows deleted in between, and the claims walk
  * their dead index entries. A vacuum's cost grows with the table, so the
- * next one starts no sooner than VACUUM_PAUSE_FACTOR times the last one's
- * duration after it (vacuum takes at most a fifth of the worker's time), and
- * at least VACUUM_MIN_PAUSE_MS after it.
+ * next one waits until as many rows have been deleted as the last one left
+ * (a backlog being drained is vacuumed about once per halving), and starts no
+ * sooner than VACUUM_PAUSE_FACTOR times the last one's duration after it
+ * (vacuum takes at most a fifth of the worker's time) and at least
+ * VACUUM_MIN_PAUSE_MS after it.
  */
 #define VACUUM_AFTER_DELETES	20000
 #define VACUUM_PAUSE_FACTOR		5
@@ -107,6 +113,7 @@ static SagaPg *pg = NULL;
 /* rows deleted since the worker last vacuumed saga.queue */
 static uint64 deleted_since_vacuum = 0;
 static long vacuum_pause_ms = VACUUM_MIN_PAUSE_MS;
+static uint64 vacuum_after_deletes = VACUUM_AFTER_DELETES;
 
 static void
 set_state(SagaWorkerState state)
@@ -441,6 +448,22 @@ run_cycle(bool sweep_retained, bool reread, TimestampTz *next_due)
 	return more;
 }
 
+/* the rows saga.queue held at its last vacuum, as pg_class says (-1: not known) */
+static double
+queue_reltuples(void)
+{
+	Oid			relid = RangeVarGetRelid(makeRangeVar("saga", "queue", -1), NoLock, true);
+	HeapTuple	tuple = SearchSysCache1(RELOID, ObjectIdGetDatum(relid));
+	double		n = -1;
+
+	if (HeapTupleIsValid(tuple))
+	{
+		n = ((Form_pg_class) GETSTRUCT(tuple))->reltuples;
+		ReleaseSysCache(tuple);
+	}
+	return n;
+}
+
 /*
  * VACUUM saga.queue, as a top-level command of this process: it runs in its
  * own transactions and takes only a lock that publishers do not wait for.
@@ -452,6 +475,7 @@ vacuum_queue(void)
 	MemoryContext portal = AllocSetContextCreate(TopMemoryContext, "saga vacuum",
 												 ALLOCSET_DEFAULT_SIZES);
 	TimestampTz start = GetCurrentTimestamp();
+	double		left;
 
 	/*
 	 * No truncation of empty pages at the end: it takes an exclusive lock
@@ -467,12 +491,16 @@ vacuum_queue(void)
 	StartTransactionCommand();
 	ExecVacuum(make_parsestate(NULL), stmt, true);
 	CommitTransactionCommand();
+	StartTransactionCommand();
+	left = queue_reltuples();
+	CommitTransactionCommand();
 	PortalContext = NULL;
 	MemoryContextDelete(portal);
 	MemoryContextSwitchTo(cycle_cxt);
 	pgstat_report_stat(false);
 	pgstat_report_activity(STATE_IDLE, NULL);
 	deleted_since_vacuum = 0;
+	vacuum_after_deletes = Max(VACUUM_AFTER_DELETES, left);
 	vacuum_pause_ms = Max(VACUUM_MIN_PAUSE_MS, VACUUM_PAUSE_FACTOR *
 						  TimestampDifferenceMilliseconds(start, GetCurrentTimestamp()));
 }
@@ -671,7 +699,7 @@ saga_worker_main(Datum arg)
 			consecutive_errors = 0;
 			if (sweep)
 				next_sweep = TimestampTzPlusMilliseconds(now, RETENTION_SWEEP_MS);
-			if (deleted_since_vacuum >= VACUUM_AFTER_DELETES &&
+			if (deleted_since_vacuum >= vacuum_after_deletes &&
 				TimestampDifferenceExceeds(last_vacuum, now, vacuum_pause_ms))
 			{
 				last_vacuum = now;
