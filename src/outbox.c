@@ -81,10 +81,11 @@ saga_prepare_kept_custom(const char *sql, int nargs, Oid *argtypes)
  * tuple ids" a scan of every pending row, once per batch. The worker's
  * statements over them are therefore planned with sequential scans, bitmap
  * scans and sorts disabled, and JIT too: the cost of a disabled plan type
- * would call for compiling. Their plans are custom, so each execution is
- * planned under these settings, or generic where one plan fits every
- * argument: it is made, and remade after an invalidation, inside the
- * confined execution too.
+ * would call for compiling. Under these settings one plan fits every
+ * argument of the hot statements (claims, dispatch, recording deliveries),
+ * so theirs is generic: made, and remade after an invalidation, inside the
+ * confined execution, instead of planned for every batch. The others are
+ * custom: each execution is planned under these settings.
  */
 static int
 confine_planner(void)
@@ -396,7 +397,7 @@ saga_outbox_dispatch_notify(SagaDestination *dest, int limit, SagaNotifyCursor *
 							" RETURNING q.seq, jsonb_build_object('id', q.message_id, 'topic', q.topic,"
 							"   'key', q.key, 'payload', q.payload, 'headers', q.headers)::text,"
 							"   q.published_at, q.next_attempt_at, q.key IS NOT NULL",
-							4, types, CURSOR_OPT_CUSTOM_PLAN);
+							4, types, CURSOR_OPT_GENERIC_PLAN);
 	}
 	args[0] = CStringGetTextDatum(dest->name);
 	while (sent < limit)
@@ -557,7 +558,7 @@ claim_due(SagaDestination *dest, int limit)
 							"   q.ctid, q.saga_call ->> 'key', q.saga_call ->> 'path',"
 							"   (q.saga_call ->> 'timeout_ms')::int4, q.key, q.headers::text,"
 							"   q.saga_call -> 'call' ->> 'function', q.saga_call ->> 'method'",
-							3, types, CURSOR_OPT_CUSTOM_PLAN);
+							3, types, CURSOR_OPT_GENERIC_PLAN);
 	}
 	args[0] = CStringGetTextDatum(dest->name);
 	args[1] = Int32GetDatum(limit);
@@ -799,7 +800,7 @@ record_messages(List *requests)
 		delivered_plan = prepare_kept_with(
 							"DELETE FROM saga.queue q"
 							" WHERE q.ctid = ANY (ARRAY(SELECT pg_catalog.unnest($1))) AND q.xmin = ANY ($2)",
-							2, dtypes, CURSOR_OPT_CUSTOM_PLAN);
+							2, dtypes, CURSOR_OPT_GENERIC_PLAN);
 		failed_plan = saga_prepare_kept(
 							"UPDATE saga.queue q SET lease_until = NULL,"
 							"  status = CASE WHEN $3 THEN 'dead' ELSE 'pending' END,"
