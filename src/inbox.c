@@ -330,7 +330,8 @@ saga_inbox_run(int limit)
 	{
 		Oid			types[1] = {INT4OID};
 
-		claim_plan = saga_prepare_kept_custom(CLAIM_SQL, 1, types);
+		/* generic: only the LIMIT varies, and the confined planner orders by inbox_due */
+		claim_plan = saga_prepare_kept_generic(CLAIM_SQL, 1, types);
 	}
 	values[0] = Int32GetDatum(limit);
 	rc = saga_execute_confined(claim_plan, values, NULL);
