@@ -22,7 +22,10 @@ typedef struct Definition
 	Interval	deadline;
 } Definition;
 
-static SagaCopy definitions_copy = {"definitions"};
+static SagaCopy definitions_copy = {
+	"definitions",
+	"SELECT DISTINCT ON (name) name, version, deadline FROM saga.definitions ORDER BY name, version DESC"
+};
 static Definition *definitions = NULL;
 static int	ndefinitions = 0;
 
@@ -33,22 +36,14 @@ compare_names(const void *a, const void *b)
 }
 
 static void
-load_definitions(MemoryContext cxt)
+load_definitions(MemoryContext cxt, SPITupleTable *rows, uint64 n)
 {
-	int			rc;
-
-	definitions = NULL;
+	definitions = MemoryContextAllocZero(cxt, sizeof(Definition) * Max(n, 1));
 	ndefinitions = 0;
-	rc = SPI_execute("SELECT DISTINCT ON (name) name, version, deadline FROM saga.definitions"
-					 " ORDER BY name, version DESC", true, 0);
-	if (rc != SPI_OK_SELECT)
-		elog(ERROR, "could not read saga.definitions: %s", SPI_result_code_string(rc));
-
-	definitions = MemoryContextAllocZero(cxt, sizeof(Definition) * Max(SPI_processed, 1));
-	for (uint64 i = 0; i < SPI_processed; i++)
+	for (uint64 i = 0; i < n; i++)
 	{
-		HeapTuple	tup = SPI_tuptable->vals[i];
-		TupleDesc	desc = SPI_tuptable->tupdesc;
+		HeapTuple	tup = rows->vals[i];
+		TupleDesc	desc = rows->tupdesc;
 		Definition *d = &definitions[ndefinitions++];
 		bool		isnull;
 		Datum		deadline;

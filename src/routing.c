@@ -26,27 +26,23 @@ typedef struct Route
 	char	   *destination;	/* NULL: this database's inbox */
 } Route;
 
-static SagaCopy routes_copy = {"routes"};
+static SagaCopy routes_copy = {
+	"routes",
+	"SELECT pattern, prefix, destination FROM saga.subscriptions"
+	" UNION ALL SELECT DISTINCT pattern, prefix, NULL FROM saga.handlers"
+};
 static Route *routes = NULL;
 static int	nroutes = 0;
 
 static void
-load_routes(MemoryContext cxt)
+load_routes(MemoryContext cxt, SPITupleTable *rows, uint64 n)
 {
-	int			rc;
-
-	routes = NULL;
+	routes = MemoryContextAllocZero(cxt, sizeof(Route) * Max(n, 1));
 	nroutes = 0;
-	rc = SPI_execute("SELECT pattern, prefix, destination FROM saga.subscriptions"
-					 " UNION ALL SELECT DISTINCT pattern, prefix, NULL FROM saga.handlers", true, 0);
-	if (rc != SPI_OK_SELECT)
-		elog(ERROR, "could not read saga.subscriptions: %s", SPI_result_code_string(rc));
-
-	routes = MemoryContextAllocZero(cxt, sizeof(Route) * Max(SPI_processed, 1));
-	for (uint64 i = 0; i < SPI_processed; i++)
+	for (uint64 i = 0; i < n; i++)
 	{
-		HeapTuple	tup = SPI_tuptable->vals[i];
-		TupleDesc	desc = SPI_tuptable->tupdesc;
+		HeapTuple	tup = rows->vals[i];
+		TupleDesc	desc = rows->tupdesc;
 		char	   *prefix = SPI_getvalue(tup, desc, 2);
 		Route	   *r = &routes[nroutes++];
 

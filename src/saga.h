@@ -83,13 +83,16 @@ extern uint64 saga_config_version(void);
 typedef struct SagaCopy
 {
 	const char *name;			/* identifies its memory context */
+	const char *query;			/* reads the table's rows */
 	MemoryContext cxt;
 	bool		valid;
 	uint64		version;
 	Oid			relid;
 } SagaCopy;
 
-extern void saga_copy_refresh(SagaCopy *copy, Oid relid, void (*load) (MemoryContext cxt));
+struct SPITupleTable;
+extern void saga_copy_refresh(SagaCopy *copy, Oid relid,
+							  void (*load) (MemoryContext cxt, struct SPITupleTable *rows, uint64 n));
 
 /* launcher.c */
 extern void saga_register_launcher(void);

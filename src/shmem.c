@@ -7,6 +7,7 @@
  */
 #include "saga.h"
 
+#include "executor/spi.h"
 #include "miscadmin.h"
 #include "storage/ipc.h"
 #include "storage/lwlock.h"
@@ -118,18 +119,20 @@ saga_config_version(void)
 }
 
 /*
- * A backend's copy of a configuration table (routes, definitions): read it
- * again with load, into an emptied memory context, unless it is up to date.
- * It is while the shared version has not moved, which a trigger on the
- * table does at commit. A transaction that changed the table itself reads
+ * A backend's copy of a configuration table (routes, definitions): run its
+ * query again and let load copy the rows into an emptied memory context,
+ * unless it is up to date. It is while the shared version has not moved,
+ * which a trigger on the table does at commit. A transaction that changed the table itself reads
  * it for each use, as its change may yet roll back. Without the preload
  * there is no shared version, and it is read every time.
  */
 void
-saga_copy_refresh(SagaCopy *copy, Oid relid, void (*load) (MemoryContext cxt))
+saga_copy_refresh(SagaCopy *copy, Oid relid,
+				  void (*load) (MemoryContext cxt, SPITupleTable *rows, uint64 n))
 {
 	uint64		version = saga_config_version();
 	bool		changed_in_xact = saga_config_changed_in_xact();
+	int			rc;
 
 	if (copy->valid && saga_shared != NULL && !changed_in_xact &&
 		version == copy->version && relid == copy->relid)
@@ -141,7 +144,10 @@ saga_copy_refresh(SagaCopy *copy, Oid relid, void (*load) (MemoryContext cxt))
 		MemoryContextSetIdentifier(copy->cxt, copy->name);
 	}
 	MemoryContextReset(copy->cxt);
-	load(copy->cxt);
+	rc = SPI_execute(copy->query, true, 0);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "could not read saga's %s: %s", copy->name, SPI_result_code_string(rc));
+	load(copy->cxt, SPI_tuptable, SPI_processed);
 	copy->version = version;
 	copy->relid = relid;
 	copy->valid = !changed_in_xact;
