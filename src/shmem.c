@@ -122,9 +122,9 @@ saga_config_version(void)
  * A backend's copy of a configuration table (routes, definitions): run its
  * query again and let load copy the rows into an emptied memory context,
  * unless it is up to date. It is while the shared version has not moved,
- * which a trigger on the table does at commit. A transaction that changed the table itself reads
- * it for each use, as its change may yet roll back. Without the preload
- * there is no shared version, and it is read every time.
+ * which a trigger on the table does at commit. A transaction that changed
+ * the table itself reads it for each use, as its change may yet roll back.
+ * Without the preload there is no shared version, and it is read every time.
  */
 void
 saga_copy_refresh(SagaCopy *copy, Oid relid,
